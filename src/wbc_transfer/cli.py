@@ -1,0 +1,69 @@
+"""`wbc-transfer` command line: one sub-command per DVC stage, plus data download and predict."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from wbc_transfer.config import ConfigError, load_params
+
+STAGES = ("validate", "split", "prepare", "train", "evaluate", "compare", "promote")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wbc-transfer", description=__doc__)
+    parser.add_argument("--params", default=None, help="params.yaml to use (default: found from cwd)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in ("validate", "split", "prepare", "compare", "promote"):
+        sub.add_parser(stage, help=f"run the DVC stage `{stage}`")
+    for stage in ("train", "evaluate"):
+        p = sub.add_parser(stage, help=f"run the DVC stage `{stage}` for one model")
+        p.add_argument("--arch", required=True)
+        p.add_argument("--protocol", default="paper")
+        p.add_argument("--seed", type=int, required=True)
+    dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
+    dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "download-data":
+            from wbc_transfer.download import download
+
+            print(download(args.dataset))
+            return 0
+        params = load_params(args.params)
+        module = importlib.import_module(f"wbc_transfer.stages.{args.command}")
+        if args.command in {"train", "evaluate"}:
+            module.main(params, arch=args.arch, protocol=args.protocol, seed=args.seed)
+        else:
+            module.main(params)
+    except ConfigError as exc:
+        print(f"wbc-transfer: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wbc-transfer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for the user, traceback with -v
+        if args.verbose:
+            raise
+        print(f"wbc-transfer {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Small file helpers: every output is written completely or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

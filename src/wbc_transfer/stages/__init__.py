@@ -1,0 +1,1 @@
+"""One module per DVC stage; each exposes `main(params)` and is dispatched by `wbc-transfer`."""

@@ -1,0 +1,79 @@
+"""DVC stage `validate`: scan every image, write the dataset report and the index of usable files."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import pandas as pd
+
+from wbc_transfer.config import Params
+from wbc_transfer.io import write_csv, write_json
+from wbc_transfer.validation import as_rows, scan
+
+log = logging.getLogger(__name__)
+
+
+class DataValidationError(RuntimeError):
+    pass
+
+
+def main(params: Params) -> dict[str, object]:
+    images_dir = params.images_dir
+    for required in ("TRAIN", "TEST"):
+        if not (images_dir / required).is_dir():
+            raise DataValidationError(
+                f"{images_dir / required} not found. Is the dataset in place? "
+                f"Run `dvc repro` (imports it via data.dvc) or set data.root in params.yaml "
+                f"to a copy of the Kaggle layout (see README, 'Data')."
+            )
+    log.info("scanning %s", images_dir)
+    records, folder_problems = scan(images_dir, params.data.classes, params.data.folders)
+    frame = pd.DataFrame(as_rows(records))
+    bad = frame[frame["problem"] != ""] if len(frame) else frame
+    good = frame[frame["problem"] == ""] if len(frame) else frame
+    problems = pd.concat(
+        [
+            bad[["path", "problem"]] if len(bad) else pd.DataFrame(columns=["path", "problem"]),
+            pd.DataFrame([{"path": p.path, "problem": p.problem} for p in folder_problems],
+                         columns=["path", "problem"]),
+        ]
+    ).reset_index(drop=True)
+
+    out = params.resolve(params.validate.report_dir)
+    write_csv(out / "problems.csv", problems)
+    sizes = (
+        good.groupby(["folder", "width", "height"]).size().rename("count").reset_index()
+        if len(good) else pd.DataFrame(columns=["folder", "width", "height", "count"])
+    )
+    write_csv(out / "image_sizes.csv", sizes)
+    counts = {
+        folder: {c: int(n) for c, n in sorted(Counter(g["label"]).items())}
+        for folder, g in good.groupby("folder")
+    }
+    report = {
+        "images_dir": str(images_dir),
+        "policy": params.validate.policy,
+        "scanned_files": int(len(frame)),
+        "usable_images": int(len(good)),
+        "problems": int(len(problems)),
+        "counts": counts,
+        "modes": {m: int(n) for m, n in Counter(good["mode"]).items()} if len(good) else {},
+    }
+    write_json(out / "report.json", report)
+
+    if len(problems):
+        listing = "\n".join(f"  {r.path}: {r.problem}" for r in problems.head(50).itertuples())
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        if params.validate.policy == "strict":
+            raise DataValidationError(
+                f"{len(problems)} data problem(s) under {images_dir} (validate.policy=strict; "
+                f"full list in {out / 'problems.csv'}):\n{listing}{more}\n"
+                "Fix or remove these files, or run with -S validate.policy=lenient to exclude "
+                "them (they stay listed in problems.csv)."
+            )
+        log.warning("excluding %d problem file(s) (validate.policy=lenient):\n%s%s",
+                    len(problems), listing, more)
+    write_csv(params.resolve(params.validate.index), good[["path", "folder", "label", "width", "height"]])
+    log.info("usable images: %s", counts)
+    return report
