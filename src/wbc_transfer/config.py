@@ -117,7 +117,7 @@ class PromoteParams:
     model_name: str = "wbc-classifier"
     alias: str = "champion"
     metric: str = "f1_macro"
-    eval_set: str = "protocol_test"
+    eval_set: str = "paper_test"
     protocol: str = "paper"
     out: str = "results/promotion.json"
 

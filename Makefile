@@ -1,0 +1,24 @@
+# Thin wrappers so every command runs inside the project's virtual environment.
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro paper test lint bench tune ui
+
+setup:  ## create .venv and install the package with its dev tools
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+
+repro:  ## the quick run: every stage, offline, ~15 min on 2 CPU cores
+	dvc repro
+
+test:  ## the test suite
+	pytest -q
+
+lint:
+	ruff check src tests bench
+
+ui:  ## browse runs, curves, confusion matrices and the registry
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

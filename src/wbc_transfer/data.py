@@ -1,0 +1,135 @@
+"""Manifests, the decoded-image cache and batch augmentation.
+
+Every image is decoded and resized once by the `prepare` stage and stored as a uint8 tensor
+file (a DVC output); training and evaluation then index tensors in memory, so JPEG decoding
+never competes with the model for the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from wbc_transfer.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one manifest (all its splits), resized to `size` x `size`."""
+
+    images: torch.Tensor  # uint8, N x 3 x S x S
+    labels: torch.Tensor  # int64, N
+    paths: list[str]
+    splits: list[str]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, split: str, max_per_class: int | None = None, seed: int = 0) -> ImageSet:
+        """Rows of one split, optionally capped per class (deterministic, by `seed`)."""
+        idx = np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+        if max_per_class is not None and len(idx):
+            rng = np.random.default_rng(seed)
+            labels = self.labels[idx].numpy()
+            keep = []
+            for c in np.unique(labels):
+                members = idx[labels == c]
+                if len(members) > max_per_class:
+                    members = np.sort(rng.choice(members, max_per_class, replace=False))
+                keep.append(members)
+            idx = np.sort(np.concatenate(keep))
+        index = torch.from_numpy(idx)
+        return ImageSet(
+            images=self.images[index],
+            labels=self.labels[index],
+            paths=[self.paths[i] for i in idx],
+            splits=[self.splits[i] for i in idx],
+            classes=self.classes,
+        )
+
+    def save(self, path: Path) -> None:
+        payload = {
+            "images": self.images, "labels": self.labels, "paths": self.paths,
+            "splits": self.splits, "classes": self.classes,
+        }
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    @classmethod
+    def load(cls, path: Path) -> ImageSet:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `dvc repro prepare` first")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**payload)
+
+
+def decode_resized(file: Path, size: int) -> torch.Tensor:
+    """Decode an image file to uint8 RGB and resize it to size x size (the paper's resize)."""
+    image = decode_image(str(file), mode=ImageReadMode.RGB)
+    return TF.resize(image, [size, size], antialias=True)
+
+
+def build_image_set(
+    manifest: pd.DataFrame, images_dir: Path, classes: Sequence[str], size: int
+) -> ImageSet:
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = set(manifest["label"]) - set(lookup)
+    if unknown:
+        raise ValueError(f"manifest has labels not in data.classes: {sorted(unknown)}")
+    images = torch.empty((len(manifest), 3, size, size), dtype=torch.uint8)
+    for i, rel in enumerate(tqdm(manifest["path"], desc=f"decode+resize {size}px", unit="img",
+                                 mininterval=2, leave=False)):
+        images[i] = decode_resized(images_dir / rel, size)
+    return ImageSet(
+        images=images,
+        labels=torch.tensor([lookup[c] for c in manifest["label"]], dtype=torch.int64),
+        paths=manifest["path"].tolist(),
+        splits=manifest["split"].tolist(),
+        classes=list(classes),
+    )
+
+
+class TrainAugment:
+    """Random horizontal reflection and random x/y translation, drawn per image.
+
+    torchvision's v2 transforms draw one set of random parameters per call, so a batch tensor
+    would be flipped/shifted as a whole; they are applied image by image instead.
+    """
+
+    def __init__(self, translate_px: int, reference_size: int, image_size: int):
+        fraction = translate_px / reference_size
+        self.transform = v2.Compose([
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomAffine(degrees=0.0, translate=(fraction, fraction)),
+        ])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in batch])
+
+
+def normalise(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float32, scaled to [0, 1] and normalised per channel."""
+    return TF.normalize(batch.float().div_(255.0), list(mean), list(std))
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
+            shuffle: bool = False) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]

@@ -1,0 +1,190 @@
+"""The training engine: one function per phase, as plain as the algorithm."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from tqdm import tqdm
+
+from wbc_transfer.data import ImageSet, batches, normalise
+from wbc_transfer.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def configure_torch(num_threads: int = 0) -> dict[str, Any]:
+    """Explicit, logged thread and denormal settings (denormals silently slow CPU training)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    torch.set_flush_denormal(True)
+    return {"torch_threads": torch.get_num_threads(), "flush_denormal": True,
+            "torch_version": torch.__version__}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, head: nn.Module, lr: float, head_lr_factor: float,
+                   momentum: float) -> torch.optim.Optimizer:
+    """SGD with momentum; the new head learns `head_lr_factor` times faster (the paper's
+    WeightLearnRateFactor/BiasLearnRateFactor)."""
+    head_ids = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    return torch.optim.SGD(
+        [{"params": body, "lr": lr}, {"params": list(head.parameters()), "lr": lr * head_lr_factor}],
+        lr=lr, momentum=momentum,
+    )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    # GoogLeNet with aux heads returns a namedtuple in train mode
+    return output.logits if hasattr(output, "logits") else output
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    f1_macro: float
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+            device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Batched inference; returns logits (float32, on the CPU)."""
+    model.eval()
+    outputs = []
+    for idx in batches(len(images), batch_size):
+        x = normalise(images[idx], mean, std).to(device, non_blocking=True)
+        outputs.append(logits_of(model(x)).float().cpu())
+    return torch.cat(outputs) if outputs else torch.zeros((0, 0))
+
+
+def evaluate(model: nn.Module, data: ImageSet, mean: Sequence[float], std: Sequence[float],
+             device: torch.device, batch_size: int = 64) -> EvalResult:
+    logits = predict(model, data.images, mean, std, device, batch_size)
+    labels = data.labels
+    loss = float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
+    probs = torch.softmax(logits, dim=1).numpy()
+    preds = probs.argmax(axis=1)
+    y = labels.numpy()
+    return EvalResult(
+        loss=loss,
+        accuracy=float(accuracy_score(y, preds)),
+        f1_macro=float(f1_score(y, preds, average="macro", labels=range(len(data.classes)),
+                                zero_division=0)),
+        probabilities=probs, predictions=preds, labels=y,
+    )
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    seconds: float
+    images: int
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: ImageSet,
+    optimizer: torch.optim.Optimizer,
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: tqdm | None = None,
+    every: int = 0,
+    on_every: Callable[[int], None] | None = None,
+    start_iteration: int = 0,
+) -> EpochStats:
+    """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`."""
+    import time
+
+    model.train()
+    started = time.perf_counter()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, idx in enumerate(batches(len(data), batch_size, generator, shuffle=True), 1):
+        x = normalise(augment(data.images[idx]), mean, std).to(device, non_blocking=True)
+        y = data.labels[idx].to(device, non_blocking=True)
+        logits = logits_of(model(x))
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if every and on_every and (start_iteration + step) % every == 0:
+            on_every(start_iteration + step)
+            model.train()
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1),
+                      time.perf_counter() - started, seen)
+
+
+@dataclass
+class Checkpoint:
+    """Per-epoch training state, so an interrupted stage resumes where it stopped."""
+
+    path: Path
+    fingerprint: str
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def fingerprint_of(config: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state when it belongs to the same configuration, else None."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn file from a hard kill: start over, say so
+            log.warning("ignoring unreadable checkpoint %s: %s", self.path, exc)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("checkpoint %s is for another configuration; starting afresh", self.path)
+            return None
+        return state
+
+    def save(self, **state: Any) -> None:
+        state["fingerprint"] = self.fingerprint
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+            os.rmdir(self.path.parent)

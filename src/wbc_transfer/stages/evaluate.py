@@ -1,0 +1,91 @@
+"""DVC stage `evaluate@<arch>-<protocol>-<seed>`: score one trained model on every evaluation set.
+
+Sets: the model's own protocol test split (`paper_test` for the paper protocol), the leak-free
+TEST folder, and TEST_SIMPLE when the dataset has it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from wbc_transfer import models, tracking
+from wbc_transfer.config import Params
+from wbc_transfer.data import ImageSet
+from wbc_transfer.engine import configure_torch, evaluate, pick_device
+from wbc_transfer.io import read_json, write_csv, write_json
+from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
+from wbc_transfer.plots import confusion_matrix
+from wbc_transfer.stages.train import model_name
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_sets(params: Params, protocol: str) -> dict[str, ImageSet]:
+    """name -> images; capped per class by evaluate.max_per_class (deterministic)."""
+    prepared = params.resolve(params.prepare.out_dir)
+    cap, seed = params.evaluate.max_per_class, params.split.seed
+    heldout = ImageSet.load(prepared / "heldout.pt")
+    sets: dict[str, ImageSet] = {}
+    if protocol == "paper":
+        sets["paper_test"] = ImageSet.load(prepared / "paper.pt").subset("test", cap, seed)
+    sets["TEST"] = heldout.subset("test", cap, seed)
+    simple = heldout.subset("test_simple", cap, seed)
+    if len(simple):
+        sets["TEST_SIMPLE"] = simple
+    return sets
+
+
+def load_trained(params: Params, name: str) -> tuple[torch.nn.Module, dict]:
+    folder = params.resolve(params.train.out_dir) / name
+    info = read_json(folder / "run.json")
+    built = models.build(info["architecture"], len(info["classes"]), "none", info["image_size"])
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    built.model.load_state_dict(state)
+    return built.model.eval(), info
+
+
+def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:
+    name = model_name(arch, protocol, seed)
+    out = params.resolve(params.evaluate.out_dir) / name
+    configure_torch(params.train.num_threads)
+    device = pick_device(params.train.device)
+    model, info = load_trained(params, name)
+    model = model.to(device)
+    classes = info["classes"]
+    results: dict[str, object] = {}
+    with tracking.run(params, run_id=info["run_id"]):
+        for set_name, data in evaluation_sets(params, protocol).items():
+            r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size)
+            scores = classification_metrics(r.labels, r.predictions, classes)
+            results[set_name] = scores
+            frame = pd.DataFrame({
+                "path": data.paths,
+                "actual": [classes[i] for i in r.labels],
+                "predicted": [classes[i] for i in r.predictions],
+                **{f"p_{c}": np.round(r.probabilities[:, i], 6) for i, c in enumerate(classes)},
+            })
+            write_csv(out / "predictions" / f"{set_name}.csv", frame)
+            matrix = np.array(scores["confusion_matrix"])
+            write_csv(out / "figures" / f"confusion_{set_name}.csv",
+                      pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("actual")
+                      .reset_index())
+            title = f"{name} on {set_name} (n={scores['n']}, acc {scores['accuracy']:.3f})"
+            png = confusion_matrix(matrix, classes, title, out / "figures" / f"confusion_{set_name}.png")
+            per_class = pd.DataFrame(scores["per_class"]).T.rename_axis("class").reset_index()
+            write_csv(out / "figures" / f"per_class_{set_name}.csv", per_class)
+            mlflow.log_metrics({f"{set_name}_{m}": float(scores[m]) for m in SUMMARY_METRICS})
+            for artifact in (png, out / "figures" / f"confusion_{set_name}.csv",
+                             out / "figures" / f"per_class_{set_name}.csv"):
+                mlflow.log_artifact(str(artifact), artifact_path="evaluation")
+            log.info("%s on %s: accuracy %.3f, macro-F1 %.3f (n=%d)", name, set_name,
+                     scores["accuracy"], scores["f1_macro"], scores["n"])
+    summary = {"model": name, "run_id": info["run_id"], "architecture": arch,
+               "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
+               "sets": results}
+    write_json(out / "metrics.json", summary)
+    return summary

@@ -1,0 +1,93 @@
+"""MLflow set-up (tracking URI resolved to the repo root), run provenance and logging helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import RunStatus
+
+from wbc_transfer.config import Params
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root.
+
+    Relative SQLite paths would land in DVC's temporary copies (`dvc exp run --temp`), so the
+    default is always absolute.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if params.base.tracking_uri:
+        return params.base.tracking_uri
+    return f"sqlite:///{params.root / 'mlflow.db'}"
+
+
+def artifact_location(params: Params) -> str:
+    return (params.root / "mlruns").as_uri()
+
+
+def setup(params: Params) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri(params))
+    name = params.base.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location(params))
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_md5(root: Path) -> str:
+    """The dataset's md5 as recorded in data.dvc (what DVC versions)."""
+    file = root / "data.dvc"
+    if not file.is_file():
+        return "unknown"
+    spec = yaml.safe_load(file.read_text()) or {}
+    outs = spec.get("outs") or [{}]
+    return str(outs[0].get("md5", "unknown"))
+
+
+@contextlib.contextmanager
+def run(params: Params, run_id: str | None = None, run_name: str | None = None,
+        tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume) a run; any exception, Ctrl-C included, ends it as FAILED."""
+    setup(params)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    try:
+        yield active
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flat_params(name, value))
+        else:
+            out[name] = str(value)[:6000]
+    return out
