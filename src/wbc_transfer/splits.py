@@ -22,9 +22,10 @@ class SplitError(ValueError):
     pass
 
 
-def _take(pool: pd.DataFrame, n: int, rng: np.random.Generator, what: str) -> pd.DataFrame:
+def _take(
+    pool: pd.DataFrame, n: int, rng: np.random.Generator, what: str, label: str
+) -> pd.DataFrame:
     if len(pool) < n:
-        label = pool["label"].iloc[0] if len(pool) else "?"
         raise SplitError(f"{what}: asked for {n} images of {label}, only {len(pool)} available")
     picked = rng.choice(len(pool), size=n, replace=False)
     return pool.iloc[np.sort(picked)]
@@ -46,11 +47,11 @@ def paper_split(
     rng = np.random.default_rng(seed)
     sampled, validation = [], []
     for cls, pool in _per_class(index, "TRAIN", classes).items():
-        chosen = _take(pool, per_class, rng, "split.paper.per_class")
+        chosen = _take(pool, per_class, rng, "split.paper.per_class", cls)
         sampled.append(chosen)
         rest = pool.drop(chosen.index)
         if val_per_class:
-            validation.append(_take(rest, val_per_class, rng, "split.paper.val_per_class"))
+            validation.append(_take(rest, val_per_class, rng, "split.paper.val_per_class", cls))
     sample = pd.concat(sampled)
     train, test = train_test_split(
         sample, test_size=test_fraction, stratify=sample["label"], random_state=seed
@@ -70,8 +71,8 @@ def heldout_split(
 ) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     parts = []
-    for pool in _per_class(index, "TRAIN", classes).values():
-        chosen = _take(pool, train_per_class + val_per_class, rng, "split.heldout train+val")
+    for cls, pool in _per_class(index, "TRAIN", classes).items():
+        chosen = _take(pool, train_per_class + val_per_class, rng, "split.heldout train+val", cls)
         order = rng.permutation(len(chosen))
         parts.append(chosen.iloc[np.sort(order[:train_per_class])].assign(split="train"))
         if val_per_class:
