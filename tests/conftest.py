@@ -1,0 +1,148 @@
+"""Shared fixtures: the read-only Kaggle mirror, small real copies of its layout, tmp params.
+
+The mirror (../shared/data/blood-cells, or the folder named by env WBC_SHARED_DATA) is never
+written to: every test works on copies of a few of its images under pytest's tmp folders.
+
+Reusable pieces for any test module:
+
+- ``mirror``: Path of the mirror's images folder (``.../dataset2-master/dataset2-master/images``).
+- ``kaggle_copy(dest, train_per_class=40, test_per_class=10, ...)``: build a small copy of the
+  Kaggle layout under ``dest`` from real mirror images; returns ``dest`` (the data.root).
+- ``mini_dataset``: one session-wide copy (40 TRAIN + 12 TEST images per class). Treat it as
+  read-only; build your own with ``kaggle_copy`` if a test needs to change files.
+- ``make_params(data_root, repo=None, **overrides)``: write a params.yaml (the repo's own, with
+  data.root set and the split sizes shrunk) into a fresh tmp repo folder and return
+  ``load_params()`` of it. Overrides use ``section__key=value`` (``split__paper__per_class=5``)
+  or dotted keys via ``**{"split.seed": 7}``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from wbc_transfer.config import Params, load_params
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGES_SUBDIR = "dataset2-master/dataset2-master/images"
+CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+
+# params used by the tests on a mini copy: small enough for 40 TRAIN images per class
+MINI_SPLIT = {
+    "paper": {"per_class": 20, "val_per_class": 3},
+    "heldout": {"train_per_class": 10, "val_per_class": 3},
+}
+
+
+def mirror_root() -> Path:
+    """The blood-cells folder of the mirror (may not exist)."""
+    env = os.environ.get("WBC_SHARED_DATA")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (REPO_ROOT / ".." / "shared" / "data" / "blood-cells").resolve()
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    images = mirror_root() / IMAGES_SUBDIR
+    if not (images / "TRAIN").is_dir() or not (images / "TEST").is_dir():
+        pytest.skip(
+            "../shared/data/blood-cells not found: the tests need the Kaggle mirror; "
+            f"set WBC_SHARED_DATA (looked for {images})"
+        )
+    return images
+
+
+def spread(files: list[Path], n: int, offset: int = 0) -> list[Path]:
+    """n files evenly spaced over the sorted list (deterministic, spans many source smears)."""
+    files = sorted(files)
+    if n > len(files):
+        raise ValueError(f"asked for {n} files, only {len(files)} available")
+    step = len(files) / n
+    return [files[(int(i * step) + offset) % len(files)] for i in range(n)]
+
+
+def class_files(images: Path, folder: str, cls: str) -> list[Path]:
+    return sorted(p for p in (images / folder / cls).iterdir() if p.suffix.lower() == ".jpeg")
+
+
+def copy_layout(
+    mirror_images: Path,
+    dest: Path,
+    train_per_class: int = 40,
+    test_per_class: int = 10,
+    test_simple_per_class: int = 0,
+    classes: Iterable[str] = CLASSES,
+) -> Path:
+    """A small copy of the Kaggle layout under dest (returned: use it as data.root).
+
+    TEST_SIMPLE, which the mirror lacks, is filled with TEST images other than the ones copied
+    to TEST when test_simple_per_class > 0."""
+    images = dest / IMAGES_SUBDIR
+    for cls in classes:
+        plan = [("TRAIN", "TRAIN", train_per_class, 0), ("TEST", "TEST", test_per_class, 0)]
+        if test_simple_per_class:
+            plan.append(("TEST", "TEST_SIMPLE", test_simple_per_class, 1))
+        for source, target, n, offset in plan:
+            out = images / target / cls
+            out.mkdir(parents=True, exist_ok=True)
+            for file in spread(class_files(mirror_images, source, cls), n, offset):
+                shutil.copyfile(file, out / file.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def kaggle_copy(mirror: Path) -> Callable[..., Path]:
+    """Factory: kaggle_copy(dest, train_per_class=40, test_per_class=10, ...) -> data root."""
+
+    def make(dest: Path, **kwargs: Any) -> Path:
+        return copy_layout(mirror, Path(dest), **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mini_dataset(tmp_path_factory: pytest.TempPathFactory, kaggle_copy) -> Path:
+    """Session-wide small real copy: 40 TRAIN and 12 TEST images per class. Read-only."""
+    return kaggle_copy(tmp_path_factory.mktemp("mini") / "blood-cells",
+                       train_per_class=40, test_per_class=12)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def write_params(repo: Path, data_root: Path | str, **overrides: Any) -> Path:
+    """Write repo/params.yaml: the project's params.yaml, data.root -> data_root, mini split
+    sizes, then the overrides (section__key=value or "section.key"=value)."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"]["root"] = str(data_root)
+    for section, values in MINI_SPLIT.items():
+        raw["split"][section].update(values)
+    for key, value in overrides.items():
+        _set(raw, key.replace("__", "."), value)
+    repo.mkdir(parents=True, exist_ok=True)
+    file = repo / "params.yaml"
+    file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return file
+
+
+@pytest.fixture
+def make_params(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Params]:
+    """Factory: make_params(data_root, repo=None, **overrides) -> Params of a tmp repo folder."""
+
+    def make(data_root: Path | str, repo: Path | None = None, **overrides: Any) -> Params:
+        repo = Path(repo) if repo is not None else tmp_path_factory.mktemp("repo")
+        return load_params(write_params(repo, data_root, **overrides))
+
+    return make
