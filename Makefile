@@ -14,6 +14,12 @@ setup:  ## create .venv and install the package with its dev tools
 repro:  ## the quick run: every stage, offline, ~15 min on 2 CPU cores
 	dvc repro
 
+# The paper's schedule: 224 px, 30 epochs, all of TEST (hours on a CPU; see README for costs).
+PAPER_SCALE = -S prepare.image_size=224 -S train.epochs=30 -S evaluate.max_per_class=null
+
+paper:  ## the full paper-scale study as a named DVC experiment
+	dvc exp run -n paper-scale $(PAPER_SCALE)
+
 test:  ## the test suite
 	pytest -q
 

@@ -204,3 +204,13 @@ def test_local_state_dict_weights(tmp_path: Path):
     torch.testing.assert_close(built.model.features[0].weight, source.features[0].weight)
     with pytest.raises(models.WeightsUnavailableError, match="neither"):
         models.build("alexnet", 4, str(tmp_path / "missing.pth"), 64)
+
+
+def test_tracking_store_survives_dvc_temporary_experiment_copies(tmp_path: Path):
+    from wbc_transfer.tracking import home_root
+
+    repo = tmp_path / "repo"
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temp_copy.mkdir(parents=True)
+    assert home_root(temp_copy) == repo.resolve()
+    assert home_root(repo) == repo

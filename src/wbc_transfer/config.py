@@ -107,8 +107,9 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class CompareParams:
-    bootstrap: int = 1000
-    confidence: float = 0.95
+    bootstrap: int = 1000  # bootstrap resamples of the test images per CI (0: no CIs)
+    confidence: float = 0.95  # CI level; significance level of the tests = 1 - confidence
+    seed: int = 42  # bootstrap resampling seed
     out_dir: str = "results/compare"
 
 
@@ -123,6 +124,49 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
+class TuneSpaceParams:
+    """Search space: lr log-uniform in [lr_low, lr_high], head factor in its range."""
+
+    lr_low: float = 1e-5
+    lr_high: float = 1e-2
+    head_lr_factor_low: float = 1.0
+    head_lr_factor_high: float = 100.0
+    head_lr_factor_log: bool = True
+
+
+@dataclass(frozen=True)
+class TunePrunerParams:
+    name: str = "median"  # median | threshold | none
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 1
+    threshold: float = 0.0  # threshold pruner: prune below this validation macro-F1
+
+
+@dataclass(frozen=True)
+class TuneBaselineParams:
+    """The untuned reference (the paper's settings), enqueued as the study's first trial."""
+
+    lr: float = 1e-4
+    head_lr_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    architectures: tuple[str, ...] = ("efficientnet_lite0",)
+    protocol: str = "paper"
+    trials: int = 8
+    epochs: int = 8
+    val_fraction: float = 0.25
+    seed: int = 42
+    timeout: float | None = None
+    storage: str | None = None
+    out_dir: str = "results/tune"
+    space: TuneSpaceParams = field(default_factory=TuneSpaceParams)
+    pruner: TunePrunerParams = field(default_factory=TunePrunerParams)
+    baseline: TuneBaselineParams = field(default_factory=TuneBaselineParams)
+
+
+@dataclass(frozen=True)
 class Params:
     root: Path
     base: BaseParams = field(default_factory=BaseParams)
@@ -134,6 +178,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     compare: CompareParams = field(default_factory=CompareParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
+    tune: TuneParams = field(default_factory=TuneParams)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
@@ -227,5 +272,71 @@ def check(params: Params) -> None:
         problems.append(f"train.protocols: unknown {sorted(unknown_protocols)}; use paper, heldout")
     if params.compare.bootstrap < 0:
         problems.append("compare.bootstrap must be >= 0")
+    if not 0 < params.compare.confidence < 1:
+        problems.append(f"compare.confidence must be in (0, 1), got {params.compare.confidence}")
+    problems.extend(check_tune(params.tune))
     if problems:
         raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_tune(tune: TuneParams) -> list[str]:
+    """Problems of the `tune` section, each naming its parameter (empty: fine)."""
+    problems: list[str] = []
+    space, pruner = tune.space, tune.pruner
+    numbers = {
+        "tune.trials": tune.trials, "tune.epochs": tune.epochs,
+        "tune.val_fraction": tune.val_fraction, "tune.seed": tune.seed,
+        "tune.space.lr_low": space.lr_low, "tune.space.lr_high": space.lr_high,
+        "tune.space.head_lr_factor_low": space.head_lr_factor_low,
+        "tune.space.head_lr_factor_high": space.head_lr_factor_high,
+        "tune.pruner.n_startup_trials": pruner.n_startup_trials,
+        "tune.pruner.n_warmup_steps": pruner.n_warmup_steps,
+        "tune.pruner.threshold": pruner.threshold,
+        "tune.baseline.lr": tune.baseline.lr,
+        "tune.baseline.head_lr_factor": tune.baseline.head_lr_factor,
+    }
+    if tune.timeout is not None:
+        numbers["tune.timeout"] = tune.timeout
+    not_numbers = [name for name, value in numbers.items() if not _number(value)]
+    for name in not_numbers:  # YAML 1.1 reads `1e-5` as text; `1.0e-5` is a number
+        problems.append(f"{name} must be a number, got {numbers[name]!r} (write 1.0e-5, not 1e-5)")
+    if not_numbers:
+        return problems
+    for name in ("tune.trials", "tune.epochs"):
+        if numbers[name] < 1 or numbers[name] != int(numbers[name]):
+            problems.append(f"{name} must be a whole number >= 1, got {numbers[name]}")
+    if not 0 < tune.val_fraction < 1:
+        problems.append(f"tune.val_fraction must be in (0, 1), got {tune.val_fraction}")
+    if tune.timeout is not None and tune.timeout <= 0:
+        problems.append(f"tune.timeout must be > 0 seconds or null, got {tune.timeout}")
+    for name in ("lr", "head_lr_factor"):
+        low, high = getattr(space, f"{name}_low"), getattr(space, f"{name}_high")
+        if low <= 0:
+            problems.append(f"tune.space.{name}_low must be > 0, got {low}")
+        if high <= 0:
+            problems.append(f"tune.space.{name}_high must be > 0, got {high}")
+        if low > high:
+            problems.append(f"tune.space.{name}_low ({low}) must not exceed "
+                            f"tune.space.{name}_high ({high}): the range is inverted")
+    for name in ("lr", "head_lr_factor"):
+        if getattr(tune.baseline, name) <= 0:
+            problems.append(f"tune.baseline.{name} must be > 0, got {getattr(tune.baseline, name)}")
+    if pruner.name not in {"median", "threshold", "none"}:
+        problems.append(f"tune.pruner.name must be median, threshold or none, got {pruner.name!r}")
+    for name in ("n_startup_trials", "n_warmup_steps"):
+        if getattr(pruner, name) < 0:
+            problems.append(f"tune.pruner.{name} must be >= 0, got {getattr(pruner, name)}")
+    if tune.protocol not in {"paper", "heldout"}:
+        problems.append(f"tune.protocol must be paper or heldout, got {tune.protocol!r}")
+    if not tune.architectures:
+        problems.append("tune.architectures must name at least one architecture")
+    if tune.storage is not None and not (
+        tune.storage.startswith("journal:") or "://" in tune.storage
+    ):
+        problems.append(f"tune.storage must be null, an RDB URL (sqlite:///optuna.db) or "
+                        f"journal:<file>, got {tune.storage!r}")
+    return problems

@@ -49,11 +49,77 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str, pat
 
 
 def grouped_bars(table: pd.DataFrame, title: str, path: Path, ylabel: str = "score",
-                 errors: pd.DataFrame | None = None) -> Path:
-    """Bars of table (rows: groups on the x axis, columns: series)."""
+                 errors: pd.DataFrame | np.ndarray | None = None) -> Path:
+    """Bars of table (rows: groups on the x axis, columns: series).
+
+    errors: symmetric (a frame shaped like table) or asymmetric (array of shape
+    (series, 2, groups): distances below and above each bar)."""
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.2))
     table.plot.bar(ax=ax, rot=0, yerr=errors, capsize=3)
     ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
+
+
+def pvalue_heatmap(p: pd.DataFrame, diff: pd.DataFrame, alpha: float, title: str,
+                   path: Path) -> Path:
+    """Pairwise test matrix: colour -log10(p), each cell annotated with p and the accuracy
+    difference row minus column; significant cells (p < alpha) are starred and framed."""
+    n = len(p)
+    fig, ax = plt.subplots(figsize=(1.5 * n + 2.5, 1.2 * n + 1.5))
+    strength = -np.log10(np.clip(p.to_numpy(dtype=float), 1e-6, 1.0))
+    image = ax.imshow(strength, cmap="Reds", vmin=0, vmax=max(3.0, np.nanmax(strength, initial=0)))
+    fig.colorbar(image, ax=ax, label="-log10(adjusted p)", shrink=0.8)
+    for i in range(n):
+        for j in range(n):
+            value = p.iat[i, j]
+            if i == j or np.isnan(value):
+                ax.text(j, i, "-", ha="center", va="center", color="grey")
+                continue
+            star = "*" if value < alpha else ""
+            ax.text(j, i, f"p={value:.3g}{star}\nΔacc {diff.iat[i, j]:+.3f}", ha="center",
+                    va="center", fontsize=8, color="white" if strength[i, j] > 2 else "black")
+            if star:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2,
+                                           edgecolor="black"))
+    ax.set_xticks(range(n), p.columns, rotation=30, ha="right")
+    ax.set_yticks(range(n), p.index)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def leakage_dumbbell(gap: pd.DataFrame, metrics: dict[str, str], title: str, path: Path) -> Path:
+    """Per model, the leaky paper_test score beside the leak-free TEST score, joined by a line
+    (one panel per metric), with interval bars where gap has <set>_ci_low/_ci_high columns.
+    gap: leakage_gap()'s frame, one row per (architecture, metric)."""
+    archs = list(dict.fromkeys(gap["architecture"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.6 * len(archs) + 2),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(archs))
+    for ax, (metric, label) in zip(axes[0], metrics.items(), strict=True):
+        rows = gap[gap["metric"] == metric].set_index("architecture").reindex(archs)
+        for k, (name, colour) in enumerate((("TEST", "tab:blue"), ("paper_test", "tab:red"))):
+            low, high = f"{name}_ci_low", f"{name}_ci_high"
+            err = None
+            if low in rows and high in rows and rows[[low, high]].notna().all().all():
+                err = np.vstack([rows[name] - rows[low], rows[high] - rows[name]])
+            ax.errorbar(rows[name], y + (k - 0.5) * 0.12, xerr=err, fmt="o", color=colour,
+                        capsize=3, label=f"{name} (leak-free)" if name == "TEST" else
+                        f"{name} (near-duplicates of training images)")
+        ax.hlines(y, rows["TEST"], rows["paper_test"], color="grey", alpha=0.6)
+        for i, g in enumerate(rows["gap"]):
+            ax.annotate(f"gap {round(g, 3) + 0.0:+.3f}", (0.99, i), ha="right", va="center",
+                        xycoords=("axes fraction", "data"), fontsize=8)
+        ax.set(xlabel=label, xlim=(0, 1.15))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, archs)
+    axes[0][0].invert_yaxis()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -16,21 +16,31 @@ from mlflow.entities import RunStatus
 from wbc_transfer.config import Params
 
 
+def home_root(root: Path) -> Path:
+    """The user's repository, also when running inside a DVC temporary experiment copy
+    (`dvc exp run --temp/--queue` runs in <repo>/.dvc/tmp/exps/<tmpdir>/, deleted afterwards)."""
+    parts = root.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def tracking_uri(params: Params) -> str:
     """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root.
 
     Relative SQLite paths would land in DVC's temporary copies (`dvc exp run --temp`), so the
-    default is always absolute.
+    default is always absolute and points at the user's repository.
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if params.base.tracking_uri:
         return params.base.tracking_uri
-    return f"sqlite:///{params.root / 'mlflow.db'}"
+    return f"sqlite:///{home_root(params.root) / 'mlflow.db'}"
 
 
 def artifact_location(params: Params) -> str:
-    return (params.root / "mlruns").as_uri()
+    return (home_root(params.root) / "mlruns").as_uri()
 
 
 def setup(params: Params) -> str:

@@ -1,69 +1,113 @@
-"""DVC stage `compare`: the study's Table 2 (rows: metrics, columns: architectures), per
-protocol and evaluation set, as Markdown and CSV, plus a bar chart."""
+"""DVC stage `compare`: the study's Table 2 (rows: metrics, columns: architectures) with bootstrap
+intervals (and mean ± sd across seeds), pairwise McNemar tests, the leakage gap, and a Markdown
+report that states the ranking and which differences are significant.
+
+Outputs (compare.out_dir):
+- table2.md, table2.csv, table2_long.csv (one row per model, set and metric, with ci_low/high)
+- bars_<protocol>_<set>.png: scores with interval (one seed) or sd (several seeds) error bars
+- mcnemar.csv: every pairwise test (all seeds); mcnemar_<protocol>_<set>.csv/.png: the matrix of
+  Holm-adjusted p-values for the first seed of train.seeds
+- leakage_gap.csv/.png: paper_test vs TEST per model, with the near-duplicate counts
+- report.md: the report, linking the PNGs; summary.json
+"""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
-from wbc_transfer import models
-from wbc_transfer.comparison import collect
+from wbc_transfer.comparison import (
+    collect,
+    fill_missing_ci,
+    leakage_counts,
+    leakage_gap,
+    pairwise_mcnemar,
+    pvalue_matrix,
+)
 from wbc_transfer.config import Params
 from wbc_transfer.io import write_csv, write_json, write_text
 from wbc_transfer.metrics import SUMMARY_METRICS
-from wbc_transfer.plots import grouped_bars
+from wbc_transfer.plots import grouped_bars, leakage_dumbbell, pvalue_heatmap
+from wbc_transfer.report import LABELS, report_markdown, table2_markdown, weights_label
 
 log = logging.getLogger(__name__)
 
-LABELS = {"accuracy": "Accuracy", "precision_macro": "Precision (macro)",
-          "recall_macro": "Recall (macro)", "f1_macro": "F-measure (macro)"}
+__all__ = ["LABELS", "main", "table_blocks", "weights_label"]
 
 
-def weights_label(source: str) -> str:
-    return "ImageNet" if models.is_pretrained(source) else f"**{source}**"
+def table_blocks(long: pd.DataFrame, params: Params) -> str:
+    return table2_markdown(long, params)
 
 
-def table_blocks(long: pd.DataFrame) -> str:
-    lines = ["# Table 2: comparison of the architectures", ""]
+def _bars(long: pd.DataFrame, out, figures: dict[str, str]) -> None:
     for (protocol, eval_set), block in long.groupby(["protocol", "eval_set"], sort=False):
-        archs = list(dict.fromkeys(block["architecture"]))
-        n = int(block["n"].iloc[0])
-        lines += [f"## Trained on `{protocol}`, evaluated on `{eval_set}` (n = {n})", ""]
-        lines.append("| Metric | " + " | ".join(archs) + " |")
-        lines.append("| --- |" + " --- |" * len(archs))
-        for metric in SUMMARY_METRICS:
-            cells = []
-            for arch in archs:
-                values = block[(block["architecture"] == arch) & (block["metric"] == metric)]["value"]
-                cells.append(f"{values.mean():.3f}" + (f" ± {values.std():.3f}" if len(values) > 1 else ""))
-            lines.append(f"| {LABELS[metric]} | " + " | ".join(cells) + " |")
-        sources = [weights_label(block[block["architecture"] == a]["weights_source"].iloc[0])
-                   for a in archs]
-        lines.append("| Weights | " + " | ".join(sources) + " |")
-        lines.append("")
-    lines += ["Weights: **random-init** columns were NOT ImageNet-pretrained (weights unavailable "
-              "offline, `train.weights=auto`); compare them with care.", ""]
-    return "\n".join(lines)
+        def pivot(column: str, agg: str, frame: pd.DataFrame = block) -> pd.DataFrame:
+            return frame.pivot_table(index="architecture", columns="metric", values=column,
+                                     aggfunc=agg, sort=False, dropna=False)[list(SUMMARY_METRICS)]
+
+        bars = pivot("value", "mean")
+        if block["seed"].nunique() > 1:
+            errors = pivot("value", "std").rename(columns=LABELS)
+        elif block["ci_low"].notna().all():
+            low, high = pivot("ci_low", "mean"), pivot("ci_high", "mean")
+            errors = np.stack([(bars - low).T.to_numpy(), (high - bars).T.to_numpy()], axis=1)
+        else:
+            errors = None
+        name = f"bars_{protocol}_{eval_set}"
+        grouped_bars(bars.rename(columns=LABELS), f"trained on {protocol}, tested on {eval_set}",
+                     out / f"{name}.png", errors=errors)
+        figures[name] = f"{name}.png"
 
 
 def main(params: Params) -> pd.DataFrame:
     out = params.resolve(params.compare.out_dir)
-    long = collect(params)
+    alpha = 1 - params.compare.confidence
+    long = fill_missing_ci(params, collect(params))
     write_csv(out / "table2_long.csv", long)
     wide = long.pivot_table(index=["protocol", "eval_set", "metric"], columns="architecture",
                             values="value", aggfunc="mean", sort=False)
     write_csv(out / "table2.csv", wide.reset_index())
-    write_text(out / "table2.md", table_blocks(long))
-    for (protocol, eval_set), block in long.groupby(["protocol", "eval_set"], sort=False):
-        bars = block.pivot_table(index="architecture", columns="metric", values="value",
-                                 aggfunc="mean", sort=False)[list(SUMMARY_METRICS)]
-        grouped_bars(bars.rename(columns=LABELS), f"trained on {protocol}, tested on {eval_set}",
-                     out / f"bars_{protocol}_{eval_set}.png")
+    write_text(out / "table2.md", table_blocks(long, params))
+    figures: dict[str, str] = {}
+    _bars(long, out, figures)
+
+    pairs = pairwise_mcnemar(params, long)
+    write_csv(out / "mcnemar.csv", pairs)
+    first_seed = params.train.seeds[0]
+    for (protocol, eval_set), block in pairs.groupby(["protocol", "eval_set"], sort=False):
+        block = block[block["seed"] == first_seed]
+        archs = list(dict.fromkeys([*block["arch_a"], *block["arch_b"]]))
+        p, diff = pvalue_matrix(block, archs)
+        name = f"mcnemar_{protocol}_{eval_set}"
+        write_csv(out / f"{name}.csv", p.rename_axis("architecture").reset_index())
+        pvalue_heatmap(p, diff, alpha, f"McNemar, Holm-adjusted p (* < {alpha:.2f})\ntrained on "
+                       f"{protocol}, tested on {eval_set}, seed {first_seed}", out / f"{name}.png")
+        figures[name] = f"{name}.png"
+
+    counts = leakage_counts(params)
+    gap = leakage_gap(long, counts)
+    if not gap.empty:
+        write_csv(out / "leakage_gap.csv", gap)
+        several = gap["seed"].nunique() > 1
+        mean = gap.groupby(["architecture", "metric"], sort=False).mean(numeric_only=True) \
+            .reset_index()
+        if several:  # intervals belong to one run; averaged ones would mean nothing
+            mean = mean.drop(columns=[c for c in mean.columns if "_ci_" in c])
+        dup = "; ".join(f"{s}: {i['with_near_duplicate']}/{i['images']} near-duplicates"
+                        for s, i in counts.items())
+        leakage_dumbbell(mean, {"accuracy": "accuracy", "f1_macro": "macro-F1"},
+                         f"paper_test (leaky) vs TEST (leak-free){' — ' + dup if dup else ''}"
+                         f"{' — mean over seeds' if several else ''}", out / "leakage_gap.png")
+        figures["leakage_gap"] = "leakage_gap.png"
+
+    write_text(out / "report.md", report_markdown(params, long, pairs, gap, counts, figures))
     summary = {
-        f"{protocol}/{eval_set}/{arch}": {m: round(float(v), 4) for m, v in g.groupby("metric")["value"].mean().items()}
+        f"{protocol}/{eval_set}/{arch}": {m: round(float(v), 4)
+                                          for m, v in g.groupby("metric")["value"].mean().items()}
         for (protocol, eval_set, arch), g in long.groupby(["protocol", "eval_set", "architecture"])
     }
     write_json(out / "summary.json", summary)
-    log.info("Table 2 written to %s", out / "table2.md")
+    log.info("Table 2 written to %s, report to %s", out / "table2.md", out / "report.md")
     return long

@@ -21,6 +21,7 @@ from wbc_transfer.io import read_json, write_csv, write_json
 from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
 from wbc_transfer.plots import confusion_matrix
 from wbc_transfer.stages.train import model_name
+from wbc_transfer.stats import bootstrap_settings, intervals
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         for set_name, data in evaluation_sets(params, protocol).items():
             r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size)
             scores = classification_metrics(r.labels, r.predictions, classes)
+            scores["ci"] = intervals(params, r.labels, r.predictions, len(classes))
             results[set_name] = scores
             frame = pd.DataFrame({
                 "path": data.paths,
@@ -79,6 +81,9 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             per_class = pd.DataFrame(scores["per_class"]).T.rename_axis("class").reset_index()
             write_csv(out / "figures" / f"per_class_{set_name}.csv", per_class)
             mlflow.log_metrics({f"{set_name}_{m}": float(scores[m]) for m in SUMMARY_METRICS})
+            mlflow.log_metrics({f"{set_name}_{m}_ci_{end}": float(v)
+                                for m, ci in scores["ci"].items()
+                                for end, v in zip(("low", "high"), ci, strict=True)})
             for artifact in (png, out / "figures" / f"confusion_{set_name}.csv",
                              out / "figures" / f"per_class_{set_name}.csv"):
                 mlflow.log_artifact(str(artifact), artifact_path="evaluation")
@@ -86,6 +91,6 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                      scores["accuracy"], scores["f1_macro"], scores["n"])
     summary = {"model": name, "run_id": info["run_id"], "architecture": arch,
                "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
-               "sets": results}
+               "bootstrap": bootstrap_settings(params), "sets": results}
     write_json(out / "metrics.json", summary)
     return summary

@@ -1,0 +1,100 @@
+"""wbc_transfer.stats: bootstrap intervals, McNemar, Holm."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, chi2
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from wbc_transfer import stats
+
+
+def noisy(n: int = 200, accuracy: float = 0.7, k: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, k, n)
+    wrong = rng.random(n) > accuracy
+    y_pred = np.where(wrong, (y_true + rng.integers(1, k, n)) % k, y_true)
+    return y_true, y_pred
+
+
+def test_perfect_classifier_interval_is_one_one():
+    y = np.repeat(np.arange(4), 25)
+    ci = stats.bootstrap_ci(y, y, 4, n_resamples=500, confidence=0.95, seed=1)
+    assert set(ci) == set(stats.CI_METRICS)
+    for low, high in ci.values():
+        assert (low, high) == (1.0, 1.0)
+
+
+def test_bootstrap_matches_sklearn_resample_by_resample():
+    y_true, y_pred = noisy()
+    dist = stats.bootstrap_distribution(y_true, y_pred, 4, n_resamples=30, seed=7)
+    index = stats.bootstrap_indices(len(y_true), 30, seed=7)
+    for b in (0, 13, 29):
+        t, p = y_true[index[b]], y_pred[index[b]]
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            t, p, labels=range(4), average="macro", zero_division=0)
+        assert dist["accuracy"][b] == pytest.approx(accuracy_score(t, p))
+        assert dist["precision_macro"][b] == pytest.approx(precision)
+        assert dist["recall_macro"][b] == pytest.approx(recall)
+        assert dist["f1_macro"][b] == pytest.approx(f1)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
+    y_true, y_pred = noisy(n=300)
+    a = stats.bootstrap_ci(y_true, y_pred, 4, 400, 0.95, seed=3)
+    assert a == stats.bootstrap_ci(y_true, y_pred, 4, 400, 0.95, seed=3)
+    assert a != stats.bootstrap_ci(y_true, y_pred, 4, 400, 0.95, seed=4)
+    low, high = a["accuracy"]
+    assert low < accuracy_score(y_true, y_pred) < high
+    narrow = stats.bootstrap_ci(y_true, y_pred, 4, 400, 0.5, seed=3)["accuracy"]
+    assert low <= narrow[0] <= narrow[1] <= high
+
+
+def test_bootstrap_switched_off_and_empty_set():
+    y_true, y_pred = noisy(n=20)
+    assert stats.bootstrap_ci(y_true, y_pred, 4, n_resamples=0) == {}
+    empty = stats.bootstrap_ci([], [], 4, n_resamples=10)
+    assert all(math.isnan(v) for pair in empty.values() for v in pair)
+
+
+def test_mcnemar_identical_predictions_p_is_one():
+    correct = np.array([True, False, True, True, False] * 10)
+    result = stats.mcnemar(correct, correct)
+    assert (result.b, result.c, result.p_value, result.method) == (0, 0, 1.0, "none")
+
+
+def test_mcnemar_ten_to_zero_is_the_exact_binomial_value():
+    a = np.array([True] * 10 + [True] * 30 + [False] * 5)
+    b = np.array([False] * 10 + [True] * 30 + [False] * 5)
+    result = stats.mcnemar(a, b)
+    assert (result.b, result.c, result.method) == (10, 0, "exact")
+    assert result.p_value == pytest.approx(2 * 0.5**10, rel=1e-12)
+    assert stats.mcnemar(b, a).p_value == pytest.approx(2 * 0.5**10, rel=1e-12)  # symmetric
+
+
+def test_mcnemar_large_discordance_uses_continuity_corrected_chi_square():
+    a = np.array([True] * 30 + [False] * 10 + [True] * 60)
+    b = np.array([False] * 30 + [True] * 10 + [True] * 60)
+    result = stats.mcnemar(a, b)
+    assert (result.b, result.c, result.method) == (30, 10, "chi2-cc")
+    assert result.statistic == pytest.approx((30 - 10 - 1) ** 2 / 40)
+    assert result.p_value == pytest.approx(chi2.sf(19**2 / 40, 1))
+    # just below the threshold: exact
+    small = stats.mcnemar(a[:24], b[:24])
+    assert small.method == "exact"
+    assert small.p_value == pytest.approx(binomtest(24, 24, 0.5).pvalue)
+
+
+def test_holm_on_known_p_values():
+    adjusted = stats.holm([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, 1*0.04 -> monotone max
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(stats.holm([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    np.testing.assert_allclose(stats.holm([0.02]), [0.02])
+    with_nan = stats.holm([0.01, float("nan"), 0.02])
+    assert math.isnan(with_nan[1])
+    np.testing.assert_allclose(with_nan[[0, 2]], [0.02, 0.02])
+    assert len(stats.holm([])) == 0
