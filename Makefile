@@ -20,6 +20,10 @@ PAPER_SCALE = -S prepare.image_size=224 -S train.epochs=30 -S evaluate.max_per_c
 paper:  ## the full paper-scale study as a named DVC experiment
 	dvc exp run -n paper-scale $(PAPER_SCALE)
 
+tune:  ## Optuna search over train.lr / train.head_lr_factor (tune/dvc.yaml; not in `repro`)
+	dvc repro tune/dvc.yaml
+	wbc-transfer tune --apply
+
 test:  ## the test suite
 	pytest -q
 

@@ -154,8 +154,8 @@ class TuneBaselineParams:
 class TuneParams:
     architectures: tuple[str, ...] = ("efficientnet_lite0",)
     protocol: str = "paper"
-    trials: int = 8
-    epochs: int = 8
+    trials: int = 7
+    epochs: int = 3
     val_fraction: float = 0.25
     seed: int = 42
     timeout: float | None = None

@@ -1,0 +1,636 @@
+"""Optuna search over the learning rate and the new head's learning-rate factor.
+
+The paper fixed both (lr 1e-4, head factor 10) and named tuning them as future work. Here:
+
+- **Objective**: macro-F1 on a stratified, seeded validation share (`tune.val_fraction`) carved
+  from the protocol's *training* split. The test splits are never seen during the search.
+  Every trial trains with the same seed, so trials differ only by their hyperparameters.
+- **Baseline**: the untuned settings (`tune.baseline`, the paper's) are enqueued as trial 0
+  and never pruned, so the best trial is compared with them under the same procedure.
+- **Pruning**: `trial.report(val_f1, epoch)` + `trial.should_prune()` after every epoch.
+- **Storage**: persistent (SQLite at the repo root by default, any RDB URL, or a journal file),
+  so an interrupted study resumes where it stopped and several worker processes can share one
+  study. `tune.trials` caps the total over all workers: trials that are complete, pruned,
+  running or waiting count; failed ones (e.g. Ctrl-C) are redone. The study name carries a
+  fingerprint of everything that changes what a trial measures (search space, epochs, seeds,
+  data), so a changed configuration starts a new study instead of mixing results.
+- **MLflow**: one parent run per study; one nested run per trial with its params, per-epoch
+  validation metrics (step = epoch) and tag `trial_state` = complete / pruned / failed; the
+  two final retrains (best and baseline settings on the full training split, scored once on
+  the test sets) are nested runs too; the parent holds the best params, the table and Optuna's
+  plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+import yaml
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import FrozenTrial, TrialState
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from wbc_transfer import models, tracking
+from wbc_transfer.config import Params
+from wbc_transfer.data import ImageSet, TrainAugment
+from wbc_transfer.engine import (
+    Checkpoint,
+    evaluate,
+    make_optimizer,
+    pick_device,
+    seed_everything,
+    train_one_epoch,
+)
+from wbc_transfer.io import write_csv, write_json, write_text
+from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
+
+log = logging.getLogger(__name__)
+
+#: trial states that count towards `tune.trials` (running ones too, so that concurrent workers
+#: stop at exactly `tune.trials`); failed trials do not count and are redone
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+PARENT_ATTR = "mlflow_parent_run_id"
+HEARTBEAT_S = 30  # RDB storages: a trial without heartbeat for 4x this is failed (killed worker)
+OBJECTIVE = "val_f1_macro"
+MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+# --- storage, sampler, pruner ---------------------------------------------------------------
+
+def storage_url(params: Params) -> str:
+    """Env OPTUNA_STORAGE wins (as in Optuna's CLI), then `tune.storage`, else SQLite at the
+    repo root. Relative sqlite/journal paths are resolved at the user's repo root (like the
+    MLflow store: also from a `dvc exp run --temp/--queue` copy), never the cwd."""
+    home = tracking.home_root(params.root)
+    url = os.environ.get("OPTUNA_STORAGE") or params.tune.storage
+    if not url:
+        return f"sqlite:///{home / 'optuna.db'}"
+    if url.startswith("journal:"):
+        return f"journal:{home / os.path.expanduser(url.removeprefix('journal:'))}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = url.removeprefix("sqlite:///")
+        if path and not path.startswith(":memory:"):
+            return f"sqlite:///{home / path}"
+    return url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """`journal:<file>` -> JournalStorage on a file (safe for many processes, also over NFS);
+    anything else is an RDB URL, opened with heartbeats so a killed worker's trial fails."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs = None
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and not path.startswith(":memory:"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers share one file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                          heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=4 * HEARTBEAT_S)
+
+
+def public_url(url: str) -> str:
+    """The storage URL without credentials (for logs, tags and summary files)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    p = params.tune.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials,
+                                           n_warmup_steps=p.n_warmup_steps)
+    if p.name == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=float(p.threshold),
+                                              n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(params: Params, worker: bool, done: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE, random for the first half of the trials (at most 10). Seeded by `tune.seed` plus
+    the number of trials already in the study: a fresh study is reproducible, and a resumed
+    one does not redraw the points of its first run. Extra workers get an unseeded sampler,
+    or they would all draw the same points."""
+    startup = max(2, min(10, params.tune.trials // 2))
+    return optuna.samplers.TPESampler(seed=None if worker else params.tune.seed + done,
+                                      n_startup_trials=startup)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def take(data: ImageSet, idx: np.ndarray) -> ImageSet:
+    index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+    return ImageSet(images=data.images[index], labels=data.labels[index],
+                    paths=[data.paths[i] for i in idx], splits=[data.splits[i] for i in idx],
+                    classes=data.classes)
+
+
+def split_train(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(fit, validation): a stratified, seeded split of the training images."""
+    fit_idx, val_idx = train_test_split(np.arange(len(data)), test_size=fraction,
+                                        stratify=data.labels.numpy(), random_state=seed)
+    return take(data, np.sort(fit_idx)), take(data, np.sort(val_idx))
+
+
+@dataclass
+class Context:
+    """What every trial of one architecture's study shares."""
+
+    params: Params
+    arch: str
+    train_set: ImageSet  # the protocol's whole training split (final retrains)
+    fit_set: ImageSet  # training part of it during the search
+    val_set: ImageSet  # validation part: the objective
+    device: torch.device
+    study_name: str
+
+
+def load_context(params: Params, arch: str) -> Context:
+    """Load the prepared images and split them; fails before any training on a bad name."""
+    t = params.tune
+    if arch not in models.REGISTRY:
+        raise KeyError(f"tune: unknown architecture {arch!r}; known: {sorted(models.REGISTRY)}")
+    data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{t.protocol}.pt")
+    train_set = data.subset("train")
+    fit_set, val_set = split_train(train_set, float(t.val_fraction), t.seed)
+    return Context(params, arch, train_set, fit_set, val_set, pick_device(params.train.device),
+                   study_name(params, arch, train_set))
+
+
+def study_name(params: Params, arch: str, train_set: ImageSet) -> str:
+    """`<arch>-<protocol>-<fingerprint>`: same configuration -> same (resumable) study."""
+    t, tr = params.tune, params.train
+    config = {
+        "arch": arch, "protocol": t.protocol, "epochs": t.epochs, "val_fraction": t.val_fraction,
+        "seed": t.seed, "space": asdict(t.space), "baseline": asdict(t.baseline),
+        "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum",
+                                              "translate_px", "reference_size")},
+        "image_size": train_set.size, "images": train_set.paths,
+    }
+    return f"{arch}-{t.protocol}-{Checkpoint.fingerprint_of(config)[:8]}"
+
+
+# --- training -------------------------------------------------------------------------------
+
+def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
+        eval_set: ImageSet | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        ) -> tuple[nn.Module, models.Built, list[dict[str, float]]]:
+    """Fine-tune `ctx.arch` for `tune.epochs` epochs with the train stage's engine and seeding;
+    scores `eval_set` after each epoch and hands each epoch's row to `on_epoch`."""
+    t, seed = ctx.params.train, ctx.params.tune.seed
+    seed_everything(seed)
+    built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
+    model = built.model.to(ctx.device)
+    optimizer = make_optimizer(model, built.head, lr, head_lr_factor, t.momentum)
+    augment = TrainAugment(t.translate_px, t.reference_size, train_set.size)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, ctx.params.tune.epochs + 1):
+        torch.manual_seed(seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        stats = train_one_epoch(model, train_set, optimizer, augment, built.mean, built.std,
+                                ctx.device, t.batch_size, generator)
+        row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy}
+        if eval_set is not None:
+            r = evaluate(model, eval_set, built.mean, built.std, ctx.device,
+                         ctx.params.evaluate.batch_size)
+            row.update(val_loss=r.loss, val_accuracy=r.accuracy, val_f1_macro=r.f1_macro)
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return model, built, history
+
+
+def _metrics(row: Mapping[str, float], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
+
+
+def _params(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(k, v) for k, v in tracking.flat_params("", dict(values)).items()]
+
+
+@dataclass
+class Session:
+    """An open study and where its MLflow runs go."""
+
+    study: optuna.Study
+    client: MlflowClient
+    experiment_id: str
+    parent_run_id: str
+    storage: str
+
+
+def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], float]:
+    space, client = ctx.params.tune.space, session.client
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", float(space.lr_low), float(space.lr_high), log=True)
+        factor = trial.suggest_float("head_lr_factor", float(space.head_lr_factor_low),
+                                     float(space.head_lr_factor_high),
+                                     log=bool(space.head_lr_factor_log))
+        baseline = bool(trial.user_attrs.get("baseline"))
+        run_id = client.create_run(session.experiment_id, run_name=f"trial-{trial.number}", tags={
+            MLFLOW_PARENT_RUN_ID: session.parent_run_id, "role": "trial",
+            "optuna_study": ctx.study_name, "trial_number": str(trial.number),
+            "baseline": str(baseline).lower(), "architecture": ctx.arch,
+            "protocol": ctx.params.tune.protocol, "trial_state": "running",
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }).info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        client.log_batch(run_id, params=_params({
+            "lr": lr, "head_lr_factor": factor, "lr_head": lr * factor,
+            "trial_number": trial.number, "baseline": baseline, "epochs": ctx.params.tune.epochs,
+            "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
+        }))
+
+        def on_epoch(row: dict[str, float]) -> None:
+            epoch, value = int(row["epoch"]), row[OBJECTIVE]
+            client.log_batch(run_id, metrics=_metrics(row, epoch))  # MLflow step: epoch 1, 2, ..
+            trial.report(value, epoch - 1)  # Optuna step: epoch index 0, 1, .. (n_warmup_steps)
+            if not baseline and trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: validation macro-F1 {value:.3f}")
+
+        state = "failed"
+        try:
+            _, _, history = fit(ctx, ctx.fit_set, lr, factor, ctx.val_set, on_epoch)
+            value = float(history[-1][OBJECTIVE])
+            client.log_metric(run_id, "objective", value)
+            state = "complete"
+            return value
+        except optuna.TrialPruned:
+            state = "pruned"
+            raise
+        finally:  # also on Ctrl-C: the run says what became of the trial
+            client.set_tag(run_id, "trial_state", state)
+            client.set_terminated(run_id, MLFLOW_STATUS[state])
+            log.info("%s trial %d (lr %.3g, head x%.3g%s): %s", ctx.study_name, trial.number, lr,
+                     factor, ", baseline" if baseline else "", state)
+
+    return objective
+
+
+# --- the study ------------------------------------------------------------------------------
+
+def counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def _baseline_params(params: Params) -> dict[str, float]:
+    return {"lr": float(params.tune.baseline.lr),
+            "head_lr_factor": float(params.tune.baseline.head_lr_factor)}
+
+
+def ensure_baseline(study: optuna.Study, params: Params) -> None:
+    """Enqueue the untuned settings unless a live or finished baseline trial exists."""
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=live)):
+        return
+    study.enqueue_trial(_baseline_params(params), user_attrs={"baseline": True})
+
+
+def _parent_run(ctx: Context, session: Session, url: str) -> str:
+    """Create the study's parent run, record it in the study, and return its id."""
+    t = ctx.params.tune
+    run = session.client.create_run(session.experiment_id, run_name=f"tune-{ctx.study_name}", tags={
+        "role": "study", "optuna_study": ctx.study_name, "optuna_storage": public_url(url),
+        "architecture": ctx.arch, "protocol": t.protocol, "dvc_stage": f"tune@{ctx.arch}",
+    })
+    run_id = run.info.run_id
+    session.client.log_batch(run_id, params=_params({
+        "architecture": ctx.arch, "protocol": t.protocol, "epochs": t.epochs,
+        "val_fraction": t.val_fraction, "seed": t.seed, "space": asdict(t.space),
+        "pruner": asdict(t.pruner), "baseline": asdict(t.baseline),
+        "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
+        "train_images": len(ctx.train_set), "image_size": ctx.train_set.size,
+        "weights": ctx.params.train.weights, "batch_size": ctx.params.train.batch_size,
+        "momentum": ctx.params.train.momentum, "git_commit": tracking.git_commit(ctx.params.root),
+        "data_md5": tracking.data_md5(ctx.params.root),
+    }))
+    session.study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def _run_exists(client: MlflowClient, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        client.get_run(run_id)
+    except Exception:  # deleted, or another tracking store
+        return False
+    return True
+
+
+def open_study(ctx: Context, worker: bool = False, wait_s: float = 60.0) -> Session:
+    """Create the study, or join/resume it (Optuna's load_if_exists, but knowing who created
+    it: only the creator enqueues the baseline and creates the parent run; others wait for it)."""
+    params = ctx.params
+    url = storage_url(params)
+    storage = open_storage(url)
+    sampler, pruner = make_sampler(params, worker), make_pruner(params)
+    try:
+        study = optuna.create_study(storage=storage, study_name=ctx.study_name,
+                                    direction="maximize", sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=ctx.study_name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+        study.sampler = make_sampler(params, worker, len(study.trials))
+        created = False
+    experiment_id = tracking.setup(params)
+    client = MlflowClient(tracking.tracking_uri(params))
+    session = Session(study, client, experiment_id, "", public_url(url))
+    if created:
+        study.set_user_attr("architecture", ctx.arch)
+        study.set_user_attr("protocol", params.tune.protocol)
+        ensure_baseline(study, params)
+        session.parent_run_id = _parent_run(ctx, session, url)
+        log.info("created study %s in %s (MLflow parent run %s)", ctx.study_name,
+                 session.storage, session.parent_run_id)
+        return session
+    deadline = time.monotonic() + (0 if not worker else wait_s)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    while not _run_exists(client, parent) and time.monotonic() < deadline:
+        time.sleep(1)  # its creator is between create_study and recording the parent run
+        parent = study.user_attrs.get(PARENT_ATTR)
+    if not _run_exists(client, parent):
+        parent = _parent_run(ctx, session, url)
+    session.parent_run_id = parent
+    finished = len(study.get_trials(deepcopy=False,
+                                    states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    log.info("resuming study %s in %s: %d trial(s) finished (MLflow parent run %s)",
+             ctx.study_name, session.storage, finished, session.parent_run_id)
+    return session
+
+
+def close_dead_trials(session: Session) -> None:
+    """Fail trials of killed workers (RDB heartbeat) and close their MLflow runs to match."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(session.study)
+    for trial in session.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if _run_exists(session.client, run_id) and \
+                session.client.get_run(run_id).data.tags.get("trial_state") == "running":
+            session.client.set_tag(run_id, "trial_state", "failed")
+            session.client.set_terminated(run_id, MLFLOW_STATUS["failed"])
+
+
+def search(ctx: Context, worker: bool = False) -> Session:
+    """Run this process's share of the study: trials until `tune.trials` count (all workers)."""
+    t = ctx.params.tune
+    session = open_study(ctx, worker)
+    study = session.study
+    close_dead_trials(session)
+    if not worker:
+        ensure_baseline(study, ctx.params)  # e.g. it failed in an interrupted run
+        session.client.update_run(session.parent_run_id, status="RUNNING")
+    remaining = t.trials - counted(study)
+    if remaining <= 0:
+        log.info("study %s already has %d trial(s) of %d: nothing to run", ctx.study_name,
+                 counted(study), t.trials)
+        return session
+    try:
+        study.optimize(
+            make_objective(ctx, session), n_trials=remaining, timeout=t.timeout,
+            callbacks=[optuna.study.MaxTrialsCallback(t.trials, states=COUNTED)],
+            gc_after_trial=True,
+        )
+    except BaseException:
+        if not worker:  # the stage owns the parent run; a rerun resumes it
+            session.client.set_terminated(session.parent_run_id, "FAILED")
+        raise
+    return session
+
+
+def wait_for_workers(study: optuna.Study, poll_s: float = 5.0) -> None:
+    """Wait for trials other workers are still running. RDB storages fail a killed worker's
+    trial by heartbeat; elsewhere a trial running for twice the longest finished trial (+1 min)
+    is taken for dead and left out."""
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+        limit = 2 * max(durations, default=0.0) + 60
+        now = time.time()
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start
+                   and now - t.datetime_start.timestamp() < limit]
+        if not running:
+            return
+        log.info("waiting for %d trial(s) of other workers: %s", len(running),
+                 [t.number for t in running])
+        time.sleep(poll_s)
+
+
+# --- after the search -----------------------------------------------------------------------
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return next((t for t in complete if t.user_attrs.get("baseline")), None)
+
+
+def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float],
+              test_sets: Mapping[str, ImageSet]) -> dict[str, dict[str, float]]:
+    """Retrain on the whole training split with `hp`, score each test set once."""
+    client = session.client
+    run_id = client.create_run(session.experiment_id, run_name=f"final-{role}", tags={
+        MLFLOW_PARENT_RUN_ID: session.parent_run_id, "role": f"final-{role}",
+        "optuna_study": ctx.study_name, "architecture": ctx.arch,
+        "protocol": ctx.params.tune.protocol,
+    }).info.run_id
+    client.log_batch(run_id, params=_params({
+        **hp, "lr_head": hp["lr"] * hp["head_lr_factor"], "epochs": ctx.params.tune.epochs,
+        "train_images": len(ctx.train_set),
+    }))
+    try:
+        model, built, _ = fit(ctx, ctx.train_set, hp["lr"], hp["head_lr_factor"],
+                              on_epoch=lambda row: client.log_batch(
+                                  run_id, metrics=_metrics(row, int(row["epoch"]))))
+        scores: dict[str, dict[str, float]] = {}
+        for name, data in test_sets.items():
+            r = evaluate(model, data, built.mean, built.std, ctx.device,
+                         ctx.params.evaluate.batch_size)
+            full = classification_metrics(r.labels, r.predictions, data.classes)
+            scores[name] = {"n": int(full["n"]), **{m: float(full[m]) for m in SUMMARY_METRICS}}
+            client.log_batch(run_id, metrics=[
+                Metric(f"{name}_{m}", scores[name][m], int(time.time() * 1000), 0)
+                for m in SUMMARY_METRICS])
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("%s final %s (lr %.3g, head x%.3g): %s", ctx.study_name, role, hp["lr"],
+             hp["head_lr_factor"],
+             ", ".join(f"{n} macro-F1 {s['f1_macro']:.3f}" for n, s in scores.items()))
+    return scores
+
+
+def fmt(value: float) -> str:
+    """4 significant digits, never in e-notation (YAML 1.1 reads `1e-05` as a string)."""
+    return np.format_float_positional(float(f"{float(value):.4g}"), trim="-")
+
+
+def apply_command(best: Mapping[str, float]) -> str:
+    return (f"dvc exp run -S train.lr={fmt(best['lr'])} "
+            f"-S train.head_lr_factor={fmt(best['head_lr_factor'])}")
+
+
+def plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's own figures (matplotlib backend); importances need >= 2 complete trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    figures = {"optimization_history": ov.plot_optimization_history,
+               "intermediate_values": ov.plot_intermediate_values,
+               "param_importances": ov.plot_param_importances}
+    for name, plot in figures.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+            fig = np.ravel(ax)[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            fig.savefig(folder / f"{name}.png", dpi=110)
+            plt.close(fig)
+            made.append(folder / f"{name}.png")
+        except Exception as exc:  # e.g. too few complete trials for importances
+            log.warning("no %s plot: %s: %s", name, type(exc).__name__, exc)
+            plt.close("all")
+    return made
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    rows = [{"number": t.number, "state": t.state.name.lower(),
+             "lr": t.params.get("lr"), "head_lr_factor": t.params.get("head_lr_factor"),
+             OBJECTIVE: t.value,
+             "epochs_run": len(t.intermediate_values),
+             "baseline": bool(t.user_attrs.get("baseline")),
+             "seconds": t.duration.total_seconds() if t.duration else None,
+             "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+            for t in study.get_trials(deepcopy=False)]
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    sets = list(summary["best"]["test"])
+    head = ["settings", "trial", "lr", "head lr factor", "val macro-F1"]
+    for s in sets:
+        head += [f"{s} accuracy", f"{s} macro-F1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, label in (("baseline", "untuned (paper)"), ("best", "tuned (best trial)")):
+        row = summary[key]
+        val = row["val_f1_macro"]
+        cells = [label, str(row["trial"]), fmt(row["lr"]), fmt(row["head_lr_factor"]),
+                 "-" if val is None else f"{val:.3f}"]
+        for s in sets:
+            cells += [f"{row['test'][s]['accuracy']:.3f}", f"{row['test'][s]['f1_macro']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = summary["trials"]
+    return (
+        f"# Tuning {summary['architecture']} ({summary['protocol']} protocol)\n\n"
+        f"Optuna study `{summary['study_name']}`: {n['total']} trials ({n['complete']} complete, "
+        f"{n['pruned']} pruned, {n['failed']} failed), {summary['epochs']} epochs each. "
+        f"Objective: macro-F1 on {summary['val_images']} validation images carved (stratified) "
+        f"from the {summary['train_images']} training images; the test sets were not used in "
+        f"the search. Each row was then retrained on all {summary['train_images']} training "
+        f"images and scored once on each test set.\n\n"
+        + "\n".join(lines) + "\n\n"
+        f"Apply the tuned settings to the training stage:\n\n    {summary['apply']}\n"
+    )
+
+
+def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) -> dict[str, Any]:
+    """Best vs baseline: retrain both on the full training split, test once, write outputs."""
+    study, client, params = session.study, session.client, ctx.params
+    wait_for_workers(study)
+    try:
+        best = study.best_trial
+    except ValueError as exc:
+        raise RuntimeError(f"study {ctx.study_name} has no complete trial to report") from exc
+    base = baseline_trial(study)
+    base_hp = _baseline_params(params)
+    best_hp = {k: float(best.params[k]) for k in ("lr", "head_lr_factor")}
+    best_test = final_run(ctx, session, "best", best_hp, test_sets)
+    same = all(np.isclose(best_hp[k], base_hp[k]) for k in best_hp)
+    base_test = best_test if same else final_run(ctx, session, "baseline", base_hp, test_sets)
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    summary: dict[str, Any] = {
+        "architecture": ctx.arch, "protocol": params.tune.protocol,
+        "study_name": ctx.study_name, "storage": session.storage,
+        "mlflow_parent_run_id": session.parent_run_id, "epochs": params.tune.epochs,
+        "objective": f"{OBJECTIVE} (validation macro-F1)",
+        "train_images": len(ctx.train_set), "fit_images": len(ctx.fit_set),
+        "val_images": len(ctx.val_set),
+        "trials": {"total": len(states), "complete": states.count(TrialState.COMPLETE),
+                   "pruned": states.count(TrialState.PRUNED),
+                   "failed": states.count(TrialState.FAIL),
+                   "running": states.count(TrialState.RUNNING)},
+        "best": {"trial": best.number, **best_hp, "val_f1_macro": best.value, "test": best_test},
+        "baseline": {"trial": base.number if base else None, **base_hp,
+                     "val_f1_macro": base.value if base else None, "test": base_test},
+        "apply": apply_command(best_hp),
+    }
+    out = params.resolve(params.tune.out_dir) / ctx.arch
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", markdown(summary))
+    write_csv(out / "trials.csv", trials_frame(study))
+    base_val = "n/a" if base is None else f"{base.value:.3f}"
+    write_text(out / "best_params.yaml",
+               f"# Best trial {best.number} of Optuna study {ctx.study_name}: validation "
+               f"macro-F1 {best.value:.3f} (untuned baseline {base_val}).\n"
+               f"# Train with it: {summary['apply']}\n"
+               + yaml.safe_dump({"train": {k: float(fmt(v)) for k, v in best_hp.items()}},
+                                sort_keys=False))
+    figures = plots(study, out / "figures")
+
+    run_id = session.parent_run_id
+    client.log_batch(run_id, metrics=[
+        Metric(k, float(v), int(time.time() * 1000), len(states)) for k, v in {
+            "best_lr": best_hp["lr"], "best_head_lr_factor": best_hp["head_lr_factor"],
+            "best_val_f1_macro": best.value, "best_trial": best.number,
+            **({"baseline_val_f1_macro": base.value} if base else {}),
+            **{f"best_{s}_{m}": best_test[s][m] for s in best_test for m in SUMMARY_METRICS},
+            **{f"baseline_{s}_{m}": base_test[s][m] for s in base_test for m in SUMMARY_METRICS},
+        }.items()])
+    for key, value in {"best.lr": fmt(best_hp["lr"]), "best.head_lr_factor":
+                       fmt(best_hp["head_lr_factor"]), "best.trial": str(best.number),
+                       "apply": summary["apply"]}.items():
+        client.set_tag(run_id, key, value)
+    for file in (out / "summary.md", out / "summary.json", out / "best_params.yaml",
+                 out / "trials.csv", *figures):
+        client.log_artifact(run_id, str(file), artifact_path="tune")
+    client.set_terminated(run_id, "FINISHED")
+    return summary

@@ -1,0 +1,263 @@
+"""The Optuna stage through its real code: Optuna, MLflow (temporary SQLite store) and training
+for real on a few dozen real mirror images at 32 px, 1-2 epochs per trial."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from wbc_transfer import cli, tracking, tuning
+from wbc_transfer.config import ConfigError, Params, load_params
+from wbc_transfer.data import build_image_set
+from wbc_transfer.stages import tune
+
+from conftest import CLASSES, REPO_ROOT, class_files, spread, write_params
+
+ARCH = "efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Path]:
+    """Prepared tensors (32 px) from real mirror images: paper train 10/class (-> 30 fit + 10
+    validation), paper test 3/class, TEST 3/class; one MLflow store for the module."""
+    root = tmp_path_factory.mktemp("tune")
+    paper, heldout = [], []
+    for cls in CLASSES:
+        train = spread(class_files(mirror, "TRAIN", cls), 13)
+        paper += [(f"TRAIN/{cls}/{f.name}", cls, "train" if i < 10 else "test")
+                  for i, f in enumerate(train)]
+        heldout += [(f"TEST/{cls}/{f.name}", cls, "test")
+                    for f in spread(class_files(mirror, "TEST", cls), 3)]
+    prepared = root / "prepared"
+    for name, rows in (("paper", paper), ("heldout", heldout)):
+        frame = pd.DataFrame(rows, columns=["path", "label", "split"])
+        build_image_set(frame, mirror, CLASSES, 32).save(prepared / f"{name}.pt")
+    return {"prepared": prepared, "mlflow": root / "mlflow.db"}
+
+
+def tune_params(repo: Path, tiny: dict[str, Path], **overrides) -> Params:
+    settings = {
+        "base.tracking_uri": f"sqlite:///{tiny['mlflow']}",
+        "prepare.out_dir": str(tiny["prepared"]),
+        "train.weights": "none", "train.num_threads": 1,
+        "evaluate.max_per_class": None,
+        "tune.trials": 3, "tune.epochs": 2, "tune.storage": "sqlite:///optuna.db",
+        "tune.pruner.name": "none",
+    }
+    settings.update(overrides)
+    return load_params(write_params(repo, "unused", **settings))
+
+
+def runs_of(params: Params, parent_run_id: str) -> list:
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment)
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def trial_runs(params: Params, parent_run_id: str) -> dict[int, object]:
+    return {int(r.data.tags["trial_number"]): r for r in runs_of(params, parent_run_id)
+            if r.data.tags.get("role") == "trial"}
+
+
+# --- configuration: fails before any training -----------------------------------------------
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"tune.space.lr_low": -0.001}, r"tune\.space\.lr_low must be > 0"),
+    ({"tune.space.lr_low": 0.1, "tune.space.lr_high": 0.001},
+     r"tune\.space\.lr_low \(0\.1\) must not exceed tune\.space\.lr_high \(0\.001\)"),
+    ({"tune.space.head_lr_factor_low": 50, "tune.space.head_lr_factor_high": 5},
+     r"tune\.space\.head_lr_factor_low .* inverted"),
+    ({"tune.trials": 0}, r"tune\.trials must be a whole number >= 1, got 0"),
+    ({"tune.epochs": 0}, r"tune\.epochs must be"),
+    ({"tune.space.lr_high": "1e-2"}, r"tune\.space\.lr_high must be a number"),
+    ({"tune.val_fraction": 1.0}, r"tune\.val_fraction must be in \(0, 1\)"),
+    ({"tune.pruner.name": "hyperband"}, r"tune\.pruner\.name"),
+    ({"tune.storage": "optuna.db"}, r"tune\.storage must be"),
+])
+def test_bad_tune_params_are_refused_naming_the_parameter(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write_params(tmp_path, "unused", **overrides))
+
+
+def test_bad_search_space_stops_the_cli_before_any_study(tmp_path, capsys):
+    file = write_params(tmp_path, "unused", **{"tune.space.lr_low": 0.5,
+                                                "tune.space.lr_high": 0.01})
+    assert cli.main(["--params", str(file), "tune", "--arch", ARCH]) == 2
+    assert "tune.space.lr_low (0.5) must not exceed" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_storage_urls_resolve_at_the_repo_root(tmp_path, monkeypatch):
+    def url(storage):
+        return tuning.storage_url(load_params(write_params(tmp_path, "x", **{
+            "tune.storage": storage})))
+
+    assert url(None) == f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert url("sqlite:///optuna.db") == f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert url("sqlite:////abs/o.db") == "sqlite:////abs/o.db"
+    assert url("journal:./runs/journal.log") == f"journal:{tmp_path / 'runs/journal.log'}"
+    assert url("postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
+    assert tuning.public_url("postgresql://u:secret@db/optuna") == "postgresql://***@db/optuna"
+    exp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"  # dvc exp run --temp
+    assert tuning.storage_url(load_params(write_params(exp_copy, "x"))) == \
+        f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", "sqlite:////elsewhere.db")
+    assert url(None) == "sqlite:////elsewhere.db"
+
+
+def test_tune_pipeline_is_not_part_of_the_default_dvc_repro():
+    default = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert not any(name.startswith("tune") for name in default["stages"])
+    separate = yaml.safe_load((REPO_ROOT / "tune" / "dvc.yaml").read_text())
+    stage = separate["stages"]["tune"]
+    assert stage["foreach"] == "${tune.architectures}"
+    assert stage["do"]["wdir"] == ".."
+    assert stage["do"]["cmd"] == "wbc-transfer tune --arch ${item}"
+
+
+# --- the study --------------------------------------------------------------------------------
+
+def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, tiny, capsys):
+    params = tune_params(tmp_path, tiny)
+    summary = tune.main(params, arch=ARCH)
+
+    out = tmp_path / "results" / "tune" / ARCH
+    assert summary["trials"] == {"total": 3, "complete": 3, "pruned": 0, "failed": 0,
+                                 "running": 0}
+    assert summary["baseline"]["trial"] == 0
+    assert (summary["baseline"]["lr"], summary["baseline"]["head_lr_factor"]) == (1e-4, 10.0)
+    assert summary["best"]["val_f1_macro"] >= summary["baseline"]["val_f1_macro"]
+    for row in ("best", "baseline"):
+        assert set(summary[row]["test"]) == {"paper_test", "TEST"}
+        assert summary[row]["test"]["paper_test"]["n"] == 12
+    assert summary["val_images"] == 10 and summary["fit_images"] == 30
+    best = yaml.safe_load((out / "best_params.yaml").read_text())["train"]
+    assert best["lr"] == pytest.approx(summary["best"]["lr"], rel=1e-3)
+    assert "| untuned (paper) | 0 | 0.0001 | 10 |" in (out / "summary.md").read_text()
+    assert {p.name for p in (out / "figures").iterdir()} >= {
+        "optimization_history.png", "param_importances.png"}
+    assert len(pd.read_csv(out / "trials.csv")) == 3
+
+    client = MlflowClient(tracking.tracking_uri(params))
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna_study"] == summary["study_name"]
+    best_val = summary["best"]["val_f1_macro"]
+    assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(best_val)
+    assert parent.data.params["space.lr_low"] == "1e-05"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+    assert {"tune/optimization_history.png", "tune/param_importances.png",
+            "tune/best_params.yaml", "tune/summary.md"} <= artifacts
+    trials = trial_runs(params, parent.info.run_id)
+    assert sorted(trials) == [0, 1, 2]
+    for run in trials.values():
+        assert run.data.tags["trial_state"] == "complete"
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_f1_macro")
+        assert [m.step for m in history] == [1, 2]
+    assert trials[0].data.tags["baseline"] == "true"
+    assert trials[0].data.params["lr"] == "0.0001"
+    roles = {r.data.tags["role"] for r in runs_of(params, parent.info.run_id)}
+    assert {"final-best"} <= roles  # final-baseline too unless the baseline won
+
+    capsys.readouterr()
+    assert cli.main(["--params", str(tmp_path / "params.yaml"), "tune", "--apply"]) == 0
+    printed = capsys.readouterr().out
+    assert f"-S train.lr={tuning.fmt(best['lr'])} -S train.head_lr_factor=" in printed
+
+
+def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
+    # a threshold above any macro-F1 prunes every trial after its first epoch, except the
+    # baseline (trial 0), which is never pruned
+    params = tune_params(tmp_path, tiny, **{
+        "tune.trials": 2, "tune.pruner.name": "threshold", "tune.pruner.threshold": 1.01,
+        "tune.pruner.n_warmup_steps": 0})
+    ctx = tuning.load_context(params, ARCH)
+    session = tuning.search(ctx)
+    states = [t.state for t in session.study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED]
+    trials = trial_runs(params, session.parent_run_id)
+    assert trials[0].data.tags["trial_state"] == "complete"
+    assert trials[1].data.tags["trial_state"] == "pruned"
+    assert trials[1].info.status == "KILLED"
+    client = MlflowClient(tracking.tracking_uri(params))
+    assert [m.step for m in client.get_metric_history(trials[1].info.run_id, "val_f1_macro")] == [1]
+
+
+def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny, monkeypatch):
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 1})
+    original, calls = tuning.fit, []
+
+    def fit_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated Ctrl-C in trial 1")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "fit", fit_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.search(tuning.load_context(params, ARCH))
+    monkeypatch.setattr(tuning, "fit", original)
+
+    first = tuning.open_study(tuning.load_context(params, ARCH))
+    assert [t.state for t in first.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    client = MlflowClient(tracking.tracking_uri(params))
+    assert client.get_run(first.parent_run_id).info.status == "FAILED"
+    assert trial_runs(params, first.parent_run_id)[1].data.tags["trial_state"] == "failed"
+
+    session = tuning.search(tuning.load_context(params, ARCH))  # a fresh process would do this
+    assert session.parent_run_id == first.parent_run_id  # the same study and parent run
+    states = [t.state for t in session.study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                      TrialState.COMPLETE]  # 3 counted trials; the failed one was redone
+    trials = session.study.trials
+    assert trials[2].params != trials[1].params  # the resumed sampler does not redraw them
+    assert sorted(trial_runs(params, session.parent_run_id)) == [0, 1, 2, 3]
+    assert tuning.search(tuning.load_context(params, ARCH)).study.trials[-1].number == 3
+
+
+def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, tiny):
+    params = tune_params(tmp_path, tiny, **{
+        "tune.trials": 4, "tune.epochs": 1, "tune.storage": "journal:optuna-journal.log"})
+    tracking.setup(params)  # the experiment exists before the workers start
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
+                                                              "OPTUNA_STORAGE"}}
+    command = [sys.executable, "-m", "wbc_transfer.cli", "--params",
+               str(tmp_path / "params.yaml"), "tune", "--arch", ARCH, "--worker"]
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    for worker, output in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, output
+
+    ctx = tuning.load_context(params, ARCH)
+    study = optuna.load_study(study_name=ctx.study_name,
+                              storage=tuning.open_storage(tuning.storage_url(params)))
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+    runs = trial_runs(params, study.user_attrs[tuning.PARENT_ATTR])
+    assert sorted(runs) == [0, 1, 2, 3]  # one MLflow run per trial, all under one parent
+    assert {r.data.tags["trial_state"] for r in runs.values()} == {"complete"}
+    assert {r.info.run_id for r in runs.values()} == {t.user_attrs["mlflow_run_id"]
+                                                       for t in trials}
+    print("trials per worker:", pd.Series([r.data.tags["worker"] for r in runs.values()])
+          .value_counts().to_dict())
