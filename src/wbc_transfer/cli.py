@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 from wbc_transfer.config import ConfigError, load_params
 
-STAGES = ("validate", "split", "prepare", "train", "evaluate", "compare", "promote")
+STAGES = ("validate", "split", "prepare", "train", "evaluate", "compare", "promote", "tune")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc-transfer", description=__doc__)
-    parser.add_argument("--params", default=None, help="params.yaml to use (default: found from cwd)")
+    parser.add_argument("--params", default=None,
+                        help="params.yaml to use (default: found from cwd)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in ("validate", "split", "prepare", "compare", "promote"):
@@ -25,8 +26,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", required=True)
         p.add_argument("--protocol", default="paper")
         p.add_argument("--seed", type=int, required=True)
+    tune = sub.add_parser("tune", help="Optuna search over train.lr and train.head_lr_factor "
+                          "(the stage tune@<arch> of tune/dvc.yaml)")
+    tune.add_argument("--arch", help="architecture to tune (one of tune.architectures)")
+    tune.add_argument("--worker", action="store_true",
+                      help="only run trials of the shared study (start beside the stage)")
+    tune.add_argument("--apply", action="store_true",
+                      help="print the `dvc exp run -S ...` line that trains with the best params")
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
+    from wbc_transfer.predict import add_arguments as predict_arguments
+
+    predict_arguments(sub.add_parser(
+        "predict", help="classify image files/folders/globs with the registered champion"))
     return parser
 
 
@@ -45,10 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(download(args.dataset))
             return 0
+        if args.command == "predict":
+            from wbc_transfer.predict import main as predict
+
+            return predict(args)
         params = load_params(args.params)
         module = importlib.import_module(f"wbc_transfer.stages.{args.command}")
         if args.command in {"train", "evaluate"}:
             module.main(params, arch=args.arch, protocol=args.protocol, seed=args.seed)
+        elif args.command == "tune":
+            module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply)
         else:
             module.main(params)
     except ConfigError as exc:

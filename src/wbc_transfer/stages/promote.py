@@ -1,17 +1,24 @@
-"""DVC stage `promote`: register the best run as `wbc-classifier` with the alias `champion`."""
+"""DVC stage `promote`: register the best run as `wbc-classifier` with the alias `champion`.
+
+The registered version is the run's `classifier` pyfunc (wbc_transfer.serving: models from
+code, state_dict weights + JSON config, preprocessing included), served as is by
+`mlflow models serve` and used by `wbc-transfer predict`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from wbc_transfer import tracking
+from wbc_transfer import serving, tracking
 from wbc_transfer.comparison import collect
 from wbc_transfer.config import Params
 from wbc_transfer.io import write_json
+from wbc_transfer.stages.train import model_name
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +57,34 @@ def main(params: Params) -> dict[str, object]:
         "metric": p.metric, "eval_set": p.eval_set, "protocol": p.protocol,
         "value": f"{best['value']:.4f}", "architecture": best["architecture"],
         "weights_source": best["weights_source"],
-        "runner_up": f"{runner['architecture']}-{runner['protocol']}-{runner['seed']}" if runner is not None else "none",
+        "runner_up": (f"{runner['architecture']}-{runner['protocol']}-{runner['seed']}"
+                      if runner is not None else "none"),
         "runner_up_value": f"{runner['value']:.4f}" if runner is not None else "",
     }
-    if champion is not None and champion.run_id == best["run_id"]:
+    # unchanged = same winning run, already registered as the serving pyfunc (`classifier`)
+    if (champion is not None and champion.run_id == best["run_id"]
+            and serving.is_classifier_version(champion)):
         version = champion
-        log.info("champion unchanged: %s version %s (run %s)", p.model_name, version.version, best["run_id"])
+        log.info("champion unchanged: %s version %s (run %s)", p.model_name, version.version,
+                 best["run_id"])
     else:
-        try:
+        with contextlib.suppress(MlflowException):  # already registered
             client.create_registered_model(p.model_name, description=(
                 "White-blood-cell classifier (eosinophil, lymphocyte, monocyte, neutrophil); "
                 "the champion is promoted by the `promote` DVC stage."))
-        except MlflowException:
-            pass  # already registered
-        version = client.create_model_version(
-            p.model_name, f"runs:/{best['run_id']}/model", run_id=best["run_id"],
+        # the champion is the pyfunc with its own preprocessing (wbc_transfer.serving), logged
+        # into the winning run as `classifier` from the trained weights if not already there
+        folder = params.resolve(params.train.out_dir) / model_name(
+            best["architecture"], best["protocol"], int(best["seed"]))
+        weights, config = serving.load_trained_folder(folder, best["run_id"])
+        version = serving.register_classifier(
+            client, p.model_name, best["run_id"], weights, config,
             description=f"best {p.metric} on {p.eval_set}: {best['value']:.4f}",
         )
         client.set_registered_model_alias(p.model_name, p.alias, version.version)
         for key, value in reason.items():
-            client.set_model_version_tag(p.model_name, version.version, f"promotion.{key}", str(value))
+            client.set_model_version_tag(p.model_name, version.version, f"promotion.{key}",
+                                         str(value))
         log.info("registered %s version %s for run %s (%s %s = %.4f)", p.model_name,
                  version.version, best["run_id"], p.eval_set, p.metric, best["value"])
     result = {"model_name": p.model_name, "alias": p.alias, "version": str(version.version),

@@ -1,0 +1,293 @@
+"""`wbc-transfer predict`: classify image files, folders and globs with a registered pyfunc.
+
+One output row per image: ``path, predicted, confidence, p_<class>..., note, error``, as CSV or
+JSON lines, to stdout or a file. Files go through the model in batches (``--batch-size``) and
+the very same pyfunc that `mlflow models serve` runs, so the command line and HTTP answer alike.
+
+A file that cannot be classified (missing, unreadable, empty, truncated, not an image, absurdly
+large) gets a row with its ``error`` and the others are still classified; conversions that were
+safe to make (grayscale, RGBA, 16-bit, palette -> RGB) are stated in ``note``.
+
+Trust: before loading, the model's MLmodel metadata must carry the marker written by
+`wbc_transfer.serving.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
+read with ``torch.load(weights_only=True)``); anything else, e.g. the pickled/pt2 `model`
+artifact of a training run, is refused without being loaded. Loading still executes the
+model's own `pyfunc_model.py` from the artifact store, as MLflow's models-from-code format
+requires, so point ``--model`` only at stores you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+# (torch, MLflow and wbc_transfer.serving are imported lazily: `wbc-transfer --help` stays fast)
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "models:/wbc-classifier@champion"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+GLOB_CHARS = set("*?[")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model URI cannot be resolved or is not a wbc-transfer pyfunc."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output row to be: a file to classify, or an input that already failed."""
+
+    path: str
+    file: Path | None = None
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def collect(paths: Sequence[str]) -> list[Item]:
+    """Expand files, folders (recursive; image suffixes only) and globs, in the order given.
+
+    Files named explicitly are always tried, whatever their suffix; a path that does not exist
+    or a glob that matches nothing becomes an error row."""
+    items: list[Item] = []
+    seen: set[Path] = set()
+
+    def add(file: Path, shown: str) -> None:
+        key = file.resolve()
+        if key not in seen:
+            seen.add(key)
+            items.append(Item(shown, file))
+
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            for file in _folder_files(path):
+                add(file, str(file))
+        elif path.exists():
+            add(path, raw)
+        elif GLOB_CHARS & set(raw):
+            matches = sorted(glob.glob(os.path.expanduser(raw), recursive=True))
+            if not matches:
+                items.append(Item(raw, None, "no file matches this pattern"))
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    for file in _folder_files(m):
+                        add(file, str(file))
+                else:
+                    add(m, match)
+        else:
+            items.append(Item(raw, None, "file not found"))
+    return items
+
+
+def read_bytes(file: Path) -> bytes:
+    """The file's bytes; OSError/ValueError with a short reason for the error column."""
+    from wbc_transfer.serving import MAX_BYTES
+
+    size = file.stat().st_size
+    if size > MAX_BYTES:
+        raise ValueError(f"file too large ({size} bytes > {MAX_BYTES})")
+    return file.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+def resolve_tracking_uri(explicit: str | None, params_file: str | None) -> str | None:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the project's store (params.yaml)."""
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        from wbc_transfer import tracking
+        from wbc_transfer.config import load_params
+
+        return tracking.tracking_uri(load_params(params_file))
+    except Exception:  # no params.yaml around: MLflow's own default
+        return None
+
+
+def load_model(uri: str, tracking_uri: str | None = None):
+    """Load a wbc-transfer pyfunc; ModelUnavailableError (one clear line) if that fails."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from wbc_transfer.serving import MARKER_KEY
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    store = mlflow.get_tracking_uri()
+    if uri.startswith(("models:", "runs:")) and store.startswith("sqlite:///"):
+        db = Path(store.removeprefix("sqlite:///"))
+        if not db.is_file():  # MLflow would silently create an empty store
+            raise ModelUnavailableError(
+                f"cannot load {uri}: the tracking store {store} does not exist; run from the "
+                "project folder, or set --tracking-uri / MLFLOW_TRACKING_URI")
+    hint = ("register one with `wbc-transfer promote` (or `dvc repro promote`), or pass "
+            "--model with a models:/<name>@<alias>, models:/<name>/<version> or a local folder")
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(
+            f"cannot load {uri} from {store}: {first}\n  {hint}") from None
+    if MARKER_KEY not in (info.metadata or {}):
+        raise ModelUnavailableError(
+            f"{uri} is not a wbc-transfer image classifier (flavors: {sorted(info.flavors)}; "
+            f"no '{MARKER_KEY}' metadata); refusing to load it.\n  {hint}")
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def classes_of(model) -> list[str]:
+    return list(model.metadata.metadata["classes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction
+
+
+def columns(classes: Sequence[str]) -> list[str]:
+    from wbc_transfer.serving import output_columns
+
+    return ["path", *output_columns(classes)]
+
+
+def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool = False,
+                  progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Rows (dicts, in input order), one per item, computed `batch_size` files at a time."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    cols = columns(classes_of(model))
+    bar = tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr,
+               disable=not progress, mininterval=0.5, smoothing=0.1)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            rows = [dict.fromkeys(cols, None) | {"path": it.path, "note": "", "error": it.error}
+                    for it in chunk]
+            todo: list[int] = []
+            data: list[bytes] = []
+            for i, it in enumerate(chunk):
+                if it.error or it.file is None:
+                    continue
+                try:
+                    data.append(read_bytes(it.file))
+                    todo.append(i)
+                except (OSError, ValueError) as exc:
+                    rows[i]["error"] = f"cannot read file: {getattr(exc, 'strerror', None) or exc}"
+            if todo:
+                try:
+                    out = model.predict(pd.DataFrame({"image": data}),
+                                        params={"tta": tta, "batch_size": batch_size})
+                    for i, record in zip(todo, out.to_dict(orient="records"), strict=True):
+                        rows[i].update({k: v for k, v in record.items() if k in rows[i]})
+                except Exception as exc:  # the model itself failed: these rows say so
+                    for i in todo:
+                        rows[i]["error"] = f"prediction failed: {type(exc).__name__}: {exc}"
+            yield from rows
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+class Writer:
+    """CSV or JSON lines, row by row, with empty cells/nulls for missing values."""
+
+    def __init__(self, stream: TextIO, fmt: str, cols: Sequence[str]):
+        self.stream, self.fmt, self.cols = stream, fmt, list(cols)
+        if fmt == "csv":
+            self.csv = csv.DictWriter(stream, fieldnames=self.cols, lineterminator="\n")
+            self.csv.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.cols})
+        else:
+            self.stream.write(json.dumps({k: row.get(k) for k in self.cols}) + "\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"pyfunc model URI (default: {DEFAULT_MODEL})")
+    p.add_argument("--output", "-o", default=None, help="output file (default: stdout)")
+    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
+                   help="output format (default: jsonl for *.jsonl/*.json outputs, else csv)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average with the horizontally flipped image")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else the "
+                        "project's mlflow.db)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `predict` for parsed CLI args; returns the exit code (2: no model / no input)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.batch_size < 1:
+        print("wbc-transfer predict: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    fmt = args.format or ("jsonl" if args.output and args.output.endswith((".jsonl", ".json"))
+                          else "csv")
+    items = collect(args.paths)
+    if not items:
+        print("wbc-transfer predict: no images found", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        model = load_model(args.model, resolve_tracking_uri(args.tracking_uri, args.params))
+    except ModelUnavailableError as exc:
+        print(f"wbc-transfer predict: {exc}", file=sys.stderr)
+        return 2
+    loaded = time.perf_counter()
+    stream = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    n_ok = n_err = 0
+    try:
+        writer = Writer(stream, fmt, columns(classes_of(model)))
+        progress = not args.quiet and len(items) > args.batch_size
+        for row in predict_items(model, items, args.batch_size, args.tta, progress):
+            writer.write(row)
+            if row["error"]:
+                n_err += 1
+            else:
+                n_ok += 1
+        stream.flush()
+    finally:
+        if args.output:
+            stream.close()
+    done = time.perf_counter()
+    if not args.quiet:
+        rate = n_ok / (done - loaded) if done > loaded else float("nan")
+        print(f"wbc-transfer predict: {n_ok} classified, {n_err} failed "
+              f"({args.model}, model load {loaded - started:.1f}s, {rate:.1f} img/s"
+              f"{', tta' if args.tta else ''})", file=sys.stderr)
+    return 0

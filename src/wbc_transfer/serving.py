@@ -1,0 +1,423 @@
+"""The champion as an MLflow pyfunc that owns its preprocessing: image bytes in, class out.
+
+The registered model (`models:/wbc-classifier@champion`) is an MLflow *models-from-code*
+pyfunc: its MLmodel names the Python file `pyfunc_model.py` (copied into the model folder),
+and two artifacts travel with it:
+
+- ``weights.pt``: the network's ``state_dict``, loaded with ``torch.load(weights_only=True)``
+  (tensors only; no pickled classes are ever rebuilt);
+- ``config.json``: architecture, image_size, mean, std, classes.
+
+The network is rebuilt from code with ``wbc_transfer.models.build(arch, n, "none", size)``, so
+the serving environment needs this package installed (``--env-manager local``).
+
+Input: a DataFrame with one column ``image`` of raw image bytes (over HTTP, MLflow base64-decodes
+a ``binary`` column of a ``dataframe_split``/``dataframe_records`` payload). Output: one row
+per input row with ``predicted``, ``confidence``, ``p_<class>`` for every class, ``note`` (what
+was converted, e.g. grayscale to RGB) and ``error`` (why the row could not be classified);
+a bad image never fails the batch. Params: ``tta`` (horizontal-flip average), ``batch_size``.
+
+Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
+does: the artifact store must be as trusted as the code it holds), reads MLmodel/JSON and
+loads the weights with ``weights_only=True``. Nothing is unpickled: no cloudpickle'd Python
+model (MLflow refuses those unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set), and
+`wbc_transfer.predict` refuses models that do not carry this module's metadata marker before
+loading them. Image decoding (Pillow) only ever sees bytes, never a file path from a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "classifier"  # the logged model's name in the winning run
+MARKER_KEY = "wbc_transfer_pyfunc"  # MLmodel metadata key that identifies this format
+FORMAT_VERSION = 1
+CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_COLUMN = "image"
+
+MAX_SIDE = 20_000  # px; larger images are refused before decoding
+MAX_PIXELS = 40_000_000  # width x height; protects against decompression bombs
+MAX_BYTES = 64 * 1024 * 1024  # encoded size; the CLI refuses bigger files before reading
+
+CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
+
+
+class ImageError(ValueError):
+    """One input cannot be turned into a model input; the message goes to the `error` column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def decode(data: bytes) -> tuple[torch.Tensor, str]:
+    """Image bytes -> (uint8 tensor 3 x H x W, note). Raises ImageError with a short reason.
+
+    Safe conversions are made and stated in the note: palette/grayscale/CMYK/1-bit -> RGB,
+    alpha dropped, 16-bit grayscale scaled to 8 bits, first frame of a multi-frame file.
+    """
+    if data is None or len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"file too large ({len(data)} bytes > {MAX_BYTES})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if max(width, height) > MAX_SIDE:
+                raise ImageError(f"image too large: {width}x{height} px "
+                                 f"(limit {MAX_SIDE} px a side)")
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"image too large: {width}x{height} = {width * height} px "
+                                 f"(limit {MAX_PIXELS}; possible decompression bomb)")
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels ({width}x{height})")
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # truncated/corrupt files: OSError, SyntaxError, ValueError ...
+        raise ImageError(f"unreadable image: {type(exc).__name__}: {exc}") from None
+    notes = []
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"first of {frames} frames used")
+    array, note = _to_rgb(image)
+    if note:
+        notes.append(note)
+    # a channels-last view: a uint8 .contiguous() copy costs more than the resize that follows
+    return torch.from_numpy(array).permute(2, 0, 1), "; ".join(notes)
+
+
+def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str]:
+    mode = image.mode
+    if mode == "RGB":
+        return np.array(image, dtype=np.uint8), ""
+    if mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
+        values = np.asarray(image)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ImageError(f"unsupported {mode} image with values {low}..{high}")
+        if high <= 255:
+            gray, how = values.astype(np.uint8), "values already 0..255, kept"
+        else:
+            gray = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+            how = "scaled /257 to 8 bits"
+        return np.repeat(gray[:, :, None], 3, axis=2), f"converted {mode} to RGB ({how})"
+    if mode in {"F"}:
+        raise ImageError("unsupported mode F (32-bit float image)")
+    note = f"converted {mode} to RGB"
+    if "A" in mode or (mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
+        note += " (alpha dropped" + (", image had transparent pixels)" if alpha.min() < 255
+                                     else ", fully opaque)")
+    try:
+        return np.array(image.convert("RGB"), dtype=np.uint8), note
+    except Exception as exc:
+        raise ImageError(f"cannot convert mode {mode} to RGB: {exc}") from None
+
+
+def as_bytes(value: Any) -> bytes:
+    """A cell of the input column -> bytes (raw bytes, or a base64 string)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError(f"string input is not valid base64: {exc}") from None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ImageError("no image data (null)")
+    raise ImageError(f"unsupported input type {type(value).__name__}; send image bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# the classifier
+
+
+def read_config(file: str | Path) -> dict[str, Any]:
+    config = json.loads(Path(file).read_text())
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{file}: config lacks {missing}")
+    return config
+
+
+@dataclass
+class Classifier:
+    """A rebuilt network plus its preprocessing; `predict_bytes` is the whole inference path."""
+
+    model: torch.nn.Module
+    config: dict[str, Any]
+    device: torch.device
+
+    @classmethod
+    def from_files(cls, weights: str | Path, config: str | Path,
+                   device: str | torch.device | None = None) -> Classifier:
+        from wbc_transfer import models
+
+        cfg = read_config(config)
+        built = models.build(cfg["architecture"], len(cfg["classes"]), "none",
+                             int(cfg["image_size"]))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        built.model.load_state_dict(state)
+        torch.set_flush_denormal(True)  # as in training; denormals slow CPU inference a lot
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model=built.model.to(dev).eval(), config=cfg, device=dev)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def columns(self) -> list[str]:
+        return output_columns(self.classes)
+
+    def preprocess(self, data: bytes) -> tuple[torch.Tensor, str]:
+        from torchvision.transforms.v2 import functional as TF
+
+        image, note = decode(data)
+        size = int(self.config["image_size"])
+        # the same resize as the `prepare` stage (torchvision, bilinear, antialiased)
+        return TF.resize(image, [size, size], antialias=True), note
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        from wbc_transfer.data import normalise
+        from wbc_transfer.engine import logits_of
+
+        x = normalise(images, self.config["mean"], self.config["std"]).to(self.device)
+        probs = torch.softmax(logits_of(self.model(x)).float(), dim=1)
+        if tta:
+            flipped = torch.softmax(logits_of(self.model(torch.flip(x, dims=[3]))).float(), dim=1)
+            probs = (probs + flipped) / 2
+        return probs.cpu()
+
+    def predict_bytes(self, values: Iterable[Any], tta: bool = False,
+                      batch_size: int = 32) -> pd.DataFrame:
+        """One output row per input value; undecodable inputs get an `error`, never raise."""
+        rows: list[dict[str, Any]] = []
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            try:
+                probs = self.probabilities(torch.stack([t for _, t in pending]), tta).numpy()
+            except Exception as exc:  # e.g. out of memory: the rows fail, the batch goes on
+                for i, _ in pending:
+                    rows[i].update(error=f"inference failed: {type(exc).__name__}: {exc}")
+            else:
+                for (i, _), p in zip(pending, probs, strict=True):
+                    best = int(p.argmax())
+                    rows[i].update(predicted=self.classes[best], confidence=float(p[best]),
+                                   **{f"p_{c}": float(v) for c, v in zip(self.classes, p,
+                                                                         strict=True)})
+            pending.clear()
+
+        for value in values:
+            row: dict[str, Any] = dict.fromkeys(self.columns)
+            row.update(note="", error="")
+            rows.append(row)
+            try:
+                tensor, row["note"] = self.preprocess(as_bytes(value))
+            except ImageError as exc:
+                row["error"] = str(exc)
+                continue
+            except Exception as exc:  # anything unforeseen stays in its row
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            pending.append((len(rows) - 1, tensor))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        frame = pd.DataFrame(rows, columns=self.columns).astype(object)
+        return frame.where(frame.notna(), None)  # JSON null, not NaN, for failed rows
+
+
+def output_columns(classes: Sequence[str]) -> list[str]:
+    return ["predicted", "confidence", *[f"p_{c}" for c in classes], "note", "error"]
+
+
+def input_values(frame: pd.DataFrame | Any) -> list[Any]:
+    """The image column of a pyfunc input (DataFrame, dict, list of bytes)."""
+    if isinstance(frame, pd.DataFrame):
+        column = INPUT_COLUMN if INPUT_COLUMN in frame.columns else frame.columns[0]
+        return frame[column].tolist()
+    if isinstance(frame, dict):
+        return list(frame.get(INPUT_COLUMN, next(iter(frame.values()), [])))
+    if isinstance(frame, bytes | str):
+        return [frame]
+    return list(frame)
+
+
+# ---------------------------------------------------------------------------------------------
+# logging and registration
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+        params=ParamSchema([ParamSpec("tta", DataType.boolean, False),
+                            ParamSpec("batch_size", DataType.long, 32)]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas",
+                    "efficientnet-lite-pytorch", "wbc-transfer"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_from_run_json(info: dict[str, Any]) -> dict[str, Any]:
+    """The pyfunc config from a training `run.json` (results/train/<name>/run.json)."""
+    return {"architecture": info["architecture"], "image_size": int(info["image_size"]),
+            "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
+            "classes": list(info["classes"])}
+
+
+def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTIFACT_NAME,
+                   step: int = 0):
+    """Log the pyfunc into the active run; returns MLflow's ModelInfo."""
+    import mlflow
+
+    config = {k: config[k] for k in CONFIG_KEYS}
+    digest = file_sha256(weights)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet stage logs
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the signature is explicit
+        warnings.filterwarnings("ignore", message=".*(type hint|input example).*")
+        config_file, weights_file = Path(tmp) / "config.json", Path(tmp) / "weights.pt"
+        config_file.write_text(json.dumps(config, indent=2))
+        shutil.copyfile(weights, weights_file)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(CODE_FILE),
+            artifacts={"weights": str(weights_file), "config": str(config_file)},
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            metadata={MARKER_KEY: FORMAT_VERSION, "weights_sha256": digest, **config},
+            tags={"weights_sha256": digest},
+            step=step,
+        )
+
+
+def logged_models(run_id: str, name: str = ARTIFACT_NAME) -> list[Any]:
+    """The logged models called `name` whose source run is `run_id`, oldest first."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        output_format="list",
+    )
+    return sorted(found, key=lambda m: m.creation_timestamp)
+
+
+def find_logged(run_id: str, name: str = ARTIFACT_NAME, weights_sha256: str | None = None):
+    """The latest ready logged model `name` of run `run_id` (with those weights), or None."""
+    found = [m for m in logged_models(run_id, name) if str(m.status).endswith("READY")
+             and (weights_sha256 is None or m.tags.get("weights_sha256") == weights_sha256)]
+    return found[-1] if found else None
+
+
+def ensure_classifier(run_id: str, weights: str | Path, config: dict[str, Any],
+                      name: str = ARTIFACT_NAME) -> str:
+    """Log the pyfunc into run `run_id` unless it already holds one with these weights;
+    returns the logged model's `models:/<model_id>` URI."""
+    import mlflow
+
+    existing = find_logged(run_id, name, file_sha256(weights))
+    if existing is not None:
+        log.info("run %s already has the pyfunc %r (%s)", run_id, name, existing.model_id)
+        return f"models:/{existing.model_id}"
+    # a later model of the same name gets a higher step: `runs:/<run>/<name>` resolves to it
+    step = len(logged_models(run_id, name))
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        info = log_classifier(weights, config, name, step)
+    else:
+        with mlflow.start_run(run_id=run_id):
+            info = log_classifier(weights, config, name, step)
+    log.info("logged the pyfunc %r into run %s (%s)", name, run_id, info.model_id)
+    return f"models:/{info.model_id}"
+
+
+def load_trained_folder(folder: Path, run_id: str) -> tuple[Path, dict[str, Any]]:
+    """(weights file, config) from results/train/<name>, checked against `run_id`."""
+    from wbc_transfer.io import read_json
+
+    weights, run_json = folder / "model.pt", folder / "run.json"
+    if not weights.is_file() or not run_json.is_file():
+        raise FileNotFoundError(f"{folder}: model.pt/run.json missing; run the train stage")
+    info = read_json(run_json)
+    if info.get("run_id") != run_id:
+        raise ValueError(f"{run_json} belongs to MLflow run {info.get('run_id')}, not to the "
+                         f"winning run {run_id}; rerun the train stage")
+    return weights, config_from_run_json(info)
+
+
+def is_classifier_version(version: Any) -> bool:
+    """Whether a registered model version is this module's pyfunc (tagged at registration)."""
+    return (getattr(version, "tags", None) or {}).get("artifact") == ARTIFACT_NAME
+
+
+def register_classifier(client: Any, model_name: str, run_id: str, weights: str | Path,
+                        config: dict[str, Any], description: str = ""):
+    """Log the pyfunc into the run if needed and register `runs:/<run_id>/classifier` as a
+    new version of `model_name` (tagged artifact=classifier); returns the ModelVersion."""
+    import mlflow
+
+    ensure_classifier(run_id, weights, config)
+    version = mlflow.register_model(f"runs:/{run_id}/{ARTIFACT_NAME}", model_name,
+                                    tags={"artifact": ARTIFACT_NAME, "format": "pyfunc-from-code",
+                                          "weights_sha256": file_sha256(weights)})
+    if description:
+        client.update_model_version(model_name, version.version, description=description)
+    return client.get_model_version(model_name, version.version)

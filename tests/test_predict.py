@@ -1,0 +1,194 @@
+"""`wbc-transfer predict` and the pyfunc's preprocessing, with a tiny registered champion."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from champion_helpers import (
+    CLASSES,
+    MODEL_URI,
+    bad_and_odd_files,
+    encode_png,
+    png_with_size,
+    real_images,
+    register_tiny_champion,
+)
+from PIL import Image
+
+from wbc_transfer import serving
+from wbc_transfer.cli import main
+
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    return register_tiny_champion(tmp_path_factory.mktemp("champion"))
+
+
+@pytest.fixture(scope="module")
+def images(mirror, tmp_path_factory):
+    return real_images(mirror, tmp_path_factory.mktemp("images") / "cells")
+
+
+def run_cli(args, capsys):
+    code = main(["predict", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_rows(text: str, fmt: str) -> list[dict]:
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- preprocessing (no model) ----------------------------------------------------------------
+
+
+def test_decode_converts_safe_modes_and_says_so(images):
+    rgb = Image.open(images[0]).convert("RGB")
+    tensor, note = serving.decode(images[0].read_bytes())
+    assert tensor.shape == (3, rgb.height, rgb.width) and note == ""
+    for mode, expect in (("L", "converted L to RGB"), ("RGBA", "alpha dropped"),
+                         ("P", "converted P to RGB"), ("CMYK", "converted CMYK to RGB")):
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        buffer = io.BytesIO()
+        rgb.convert(mode).save(buffer, format=fmt)
+        tensor, note = serving.decode(buffer.getvalue())
+        assert tensor.shape == (3, rgb.height, rgb.width), mode
+        assert expect in note, (mode, note)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"GIF89a but not really", "unreadable|not an image"),
+    (b"hello world", "not an image"),
+    (png_with_size(20_001, 10), "too large"),
+    (png_with_size(10_000, 10_000), "decompression bomb"),
+])
+def test_decode_refuses_bad_input(data, reason):
+    with pytest.raises(serving.ImageError, match=reason):
+        serving.decode(data)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_predict_folder_csv(champion, images, capsys):
+    folder = images[0].parent.parent
+    code, out, err = run_cli([str(folder), "--tracking-uri", champion.tracking_uri,
+                              "--batch-size", "3"], capsys)
+    assert code == 0, err
+    rows = read_rows(out, "csv")
+    assert [r["path"] for r in rows] == [str(p) for p in images]  # recursive, sorted
+    assert list(rows[0]) == ["path", "predicted", "confidence", *PROB_COLUMNS, "note", "error"]
+    for row in rows:
+        probs = [float(row[c]) for c in PROB_COLUMNS]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] in CLASSES and row["error"] == ""
+        assert float(row["confidence"]) == pytest.approx(max(probs))
+    assert len({r["predicted"] for r in rows} | {r["p_EOSINOPHIL"] for r in rows}) > 2, \
+        "the tiny model should not answer every image alike"
+    assert "8 classified, 0 failed" in err
+
+
+def test_bad_inputs_get_error_rows_and_do_not_stop_the_batch(champion, images, tmp_path, capsys):
+    bad = bad_and_odd_files(images[0], tmp_path / "odd")
+    good = images[:3]
+    inputs = [str(good[0]), *[str(f) for f in bad.values()], str(tmp_path / "missing.jpeg"),
+              str(tmp_path / "nothing-*.png"), str(good[1]), str(good[2])]
+    output = tmp_path / "out.jsonl"
+    code, out, err = run_cli([*inputs, "--tracking-uri", champion.tracking_uri,
+                              "--output", str(output), "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert out == ""
+    rows = {r["path"]: r for r in read_rows(output.read_text(), "jsonl")}
+    assert list(rows) == inputs  # one row per input, in order
+    errors = {name: rows[str(f)]["error"] for name, f in bad.items()}
+    assert "empty" in errors["empty"]
+    assert "unreadable" in errors["truncated"] and "truncated" in errors["truncated"]
+    assert "not an image" in errors["text"]
+    assert "too large" in errors["huge_side"]
+    assert "decompression bomb" in errors["bomb"]
+    assert rows[str(tmp_path / "missing.jpeg")]["error"] == "file not found"
+    assert rows[str(tmp_path / "nothing-*.png")]["error"] == "no file matches this pattern"
+    for name, note in (("gray", "converted L to RGB"), ("rgba", "alpha dropped"),
+                       ("i16", "converted I;16 to RGB (scaled /257")):
+        row = rows[str(bad[name])]
+        assert row["error"] == "" and note in row["note"], row
+        assert sum(row[c] for c in PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
+    for failed in ("empty", "truncated", "text", "huge_side", "bomb"):
+        row = rows[str(bad[failed])]
+        assert row["predicted"] is None and all(row[c] is None for c in PROB_COLUMNS)
+    for path in good:
+        assert rows[str(path)]["error"] == "" and rows[str(path)]["predicted"] in CLASSES
+    # the 16-bit and grayscale versions of the same picture get the same answer
+    assert rows[str(bad["i16"])]["p_MONOCYTE"] == pytest.approx(
+        rows[str(bad["gray"])]["p_MONOCYTE"], abs=1e-6)
+    assert "6 classified, 7 failed" in err
+
+
+def test_glob_and_formats_agree(champion, images, capsys):
+    pattern = str(images[0].parent.parent / "**" / "*.jpeg")
+    code, out_jsonl, err = run_cli([pattern, "--tracking-uri", champion.tracking_uri,
+                                    "--format", "jsonl", "-q"], capsys)
+    assert code == 0, err
+    assert err == ""  # --quiet
+    jsonl = read_rows(out_jsonl, "jsonl")
+    _, out_csv, _ = run_cli([str(p) for p in images] + ["--tracking-uri",
+                            champion.tracking_uri, "-q"], capsys)
+    rows = read_rows(out_csv, "csv")
+    assert len(jsonl) == len(rows) == len(images)
+    for a, b in zip(sorted(jsonl, key=lambda r: r["path"]), sorted(rows, key=lambda r: r["path"]),
+                    strict=True):
+        assert a["predicted"] == b["predicted"]
+        for c in PROB_COLUMNS:
+            assert a[c] == pytest.approx(float(b[c]), abs=1e-9)
+
+
+def test_tta_is_the_average_with_the_mirrored_image(champion, images, tmp_path, capsys):
+    image = Image.open(images[0]).convert("RGB")
+    plain, mirrored = tmp_path / "plain.png", tmp_path / "mirrored.png"
+    plain.write_bytes(encode_png(image))
+    mirrored.write_bytes(encode_png(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    args = ["--tracking-uri", champion.tracking_uri, "--format", "jsonl", "-q"]
+    _, out, _ = run_cli([str(plain), str(mirrored), *args], capsys)
+    a, b = read_rows(out, "jsonl")
+    _, out, _ = run_cli([str(plain), "--tta", *args], capsys)
+    (t,) = read_rows(out, "jsonl")
+    for c in PROB_COLUMNS:
+        assert t[c] == pytest.approx((a[c] + b[c]) / 2, abs=1e-5)
+
+
+def test_missing_alias_or_store_is_one_clear_message(champion, images, tmp_path, capsys):
+    code, out, err = run_cli([str(images[0]), "--tracking-uri", champion.tracking_uri,
+                              "--model", "models:/wbc-classifier@nope"], capsys)
+    assert code == 2 and out == ""
+    assert "cannot load models:/wbc-classifier@nope" in err and "wbc-transfer promote" in err
+    assert "Traceback" not in err
+    missing_db = f"sqlite:///{tmp_path / 'absent.db'}"
+    code, _, err = run_cli([str(images[0]), "--tracking-uri", missing_db], capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_registration_is_idempotent_per_run(champion):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    mlflow.set_registry_uri(champion.tracking_uri)
+    first = serving.ensure_classifier(champion.run_id, champion.weights, champion.config)
+    again = serving.ensure_classifier(champion.run_id, champion.weights, champion.config)
+    assert first == again  # logged once, reused
+    version = MlflowClient().get_model_version_by_alias("wbc-classifier", "champion")
+    assert serving.is_classifier_version(version) and version.run_id == champion.run_id
+    info = mlflow.models.get_model_info(MODEL_URI)
+    assert info.metadata[serving.MARKER_KEY] == serving.FORMAT_VERSION
+    conf = info.flavors["python_function"]
+    assert conf["model_code_path"].endswith("pyfunc_model.py")  # models from code, no pickle
+    assert set(conf["artifacts"]) == {"weights", "config"}

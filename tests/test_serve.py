@@ -1,0 +1,126 @@
+"""The registered champion behind a real `mlflow models serve` answers like the command line."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from champion_helpers import CLASSES, MODEL_URI, real_images, register_tiny_champion
+
+from wbc_transfer.cli import main
+
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+STARTUP_TIMEOUT_S = 150
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_executable() -> str:
+    local = Path(sys.executable).with_name("mlflow")
+    found = str(local) if local.exists() else shutil.which("mlflow")
+    if not found:
+        pytest.skip("the `mlflow` command is not installed next to this Python")
+    return found
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    return register_tiny_champion(tmp_path_factory.mktemp("champion"))
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    """`mlflow models serve -m models:/wbc-classifier@champion --env-manager local` on a free
+    loopback port; yields its base URL; the process group is stopped afterwards."""
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion.tracking_uri,
+           "MLFLOW_REGISTRY_URI": champion.tracking_uri}
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [mlflow_executable(), "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited ({proc.returncode}):\n"
+                            + log_file.read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /ping answer in {STARTUP_TIMEOUT_S}s:\n"
+                            + log_file.read_text()[-3000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+def invoke(url: str, images: list[bytes], params: dict | None = None) -> list[dict]:
+    payload = {"dataframe_split": {
+        "columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in images]}}
+    if params:
+        payload["params"] = params
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())["predictions"]
+
+
+def cli_rows(files: list[Path], tracking_uri: str, capsys, *extra: str) -> list[dict]:
+    code = main(["predict", *map(str, files), "--tracking-uri", tracking_uri, "-q", *extra])
+    out = capsys.readouterr().out
+    assert code == 0
+    return list(csv.DictReader(io.StringIO(out)))
+
+
+def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, capsys):
+    files = real_images(mirror, tmp_path / "cells")
+    served = invoke(server, [f.read_bytes() for f in files] + [b"definitely not an image"])
+    assert len(served) == len(files) + 1
+    cli = cli_rows(files, champion.tracking_uri, capsys)
+    for http, row in zip(served, cli, strict=False):
+        assert http["error"] == "" and http["predicted"] == row["predicted"] in CLASSES
+        assert sum(http[c] for c in PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
+        for c in PROB_COLUMNS:
+            assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
+    bad = served[-1]
+    assert "not an image" in bad["error"] and bad["predicted"] is None
+    assert all(bad[c] is None for c in PROB_COLUMNS)
+
+    # test-time augmentation as a request parameter, same numbers as `--tta`
+    served_tta = invoke(server, [f.read_bytes() for f in files[:2]], {"tta": True})
+    cli_tta = cli_rows(files[:2], champion.tracking_uri, capsys, "--tta")
+    for http, row in zip(served_tta, cli_tta, strict=True):
+        for c in PROB_COLUMNS:
+            assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
