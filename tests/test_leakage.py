@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CLASSES, REPO_ROOT, class_files, load_params, spread, write_params
 from PIL import Image, ImageOps
 
 from wbc_transfer.leakage import BINS, fingerprint, fingerprints, nearest_similarity
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
+
+from conftest import CLASSES, REPO_ROOT, class_files, load_params, spread, write_params
 
 # the project's default, read from params.yaml itself (not the dataclass default)
 THRESHOLD = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["split"]["leakage"]["threshold"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from conftest import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import CLASSES, IMAGES_SUBDIR, load_params, write_params
 
 from wbc_transfer.splits import SplitError, counts, heldout_split, paper_split
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
+
+from conftest import CLASSES, IMAGES_SUBDIR, load_params, write_params
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import write_params
 from mlflow import MlflowClient
 
 from wbc_transfer import models
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.engine import Checkpoint, make_optimizer
 from wbc_transfer.stages import compare, evaluate, prepare, promote, split, train, validate
+
+from conftest import write_params
 
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CLASSES, IMAGES_SUBDIR
 from PIL import Image
 
 from wbc_transfer.stages import validate as validate_stage
 from wbc_transfer.validation import inspect_image, scan
+
+from conftest import CLASSES, IMAGES_SUBDIR
 
 FOLDERS = ("TRAIN", "TEST", "TEST_SIMPLE")
 

@@ -94,14 +94,17 @@ class TrainParams:
     validate_every: int = 0
     device: str = "auto"
     num_threads: int = 0
+    channels_last: bool = True
+    amp: str = "auto"
     out_dir: str = "results/train"
     checkpoint_dir: str = "checkpoints"
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 64
+    batch_size: int = 16
     max_per_class: int | None = None
+    channels_last: bool = True
     out_dir: str = "results/eval"
 
 
@@ -263,6 +266,8 @@ def check(params: Params) -> None:
         problems.append(f"train.lr must be > 0, got {t.lr}")
     if t.head_lr_factor <= 0:
         problems.append(f"train.head_lr_factor must be > 0, got {t.head_lr_factor}")
+    if t.amp not in {"auto", "bf16", "off"}:
+        problems.append(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
     if not 0 <= t.momentum < 1:
         problems.append(f"train.momentum must be in [0, 1), got {t.momentum}")
     if params.prepare.image_size < 32:

@@ -50,9 +50,11 @@ from wbc_transfer.config import Params
 from wbc_transfer.data import ImageSet, TrainAugment
 from wbc_transfer.engine import (
     Checkpoint,
+    amp_dtype,
     evaluate,
     make_optimizer,
     pick_device,
+    place_model,
     seed_everything,
     train_one_epoch,
 )
@@ -205,7 +207,8 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
     t, seed = ctx.params.train, ctx.params.tune.seed
     seed_everything(seed)
     built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
-    model = built.model.to(ctx.device)
+    model = place_model(built.model, ctx.device, t.channels_last)
+    amp = amp_dtype(ctx.device, t.amp)
     optimizer = make_optimizer(model, built.head, lr, head_lr_factor, t.momentum)
     augment = TrainAugment(t.translate_px, t.reference_size, train_set.size)
     history: list[dict[str, float]] = []
@@ -213,11 +216,11 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
         torch.manual_seed(seed * 1000 + epoch)
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         stats = train_one_epoch(model, train_set, optimizer, augment, built.mean, built.std,
-                                ctx.device, t.batch_size, generator)
+                                ctx.device, t.batch_size, generator, amp=amp)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy}
         if eval_set is not None:
             r = evaluate(model, eval_set, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size)
+                         ctx.params.evaluate.batch_size, amp)
             row.update(val_loss=r.loss, val_accuracy=r.accuracy, val_f1_macro=r.f1_macro)
         history.append(row)
         if on_epoch is not None:
@@ -475,7 +478,7 @@ def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float]
         scores: dict[str, dict[str, float]] = {}
         for name, data in test_sets.items():
             r = evaluate(model, data, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size)
+                         ctx.params.evaluate.batch_size, amp_dtype(ctx.device, ctx.params.train.amp))
             full = classification_metrics(r.labels, r.predictions, data.classes)
             scores[name] = {"n": int(full["n"]), **{m: float(full[m]) for m in SUMMARY_METRICS}}
             client.log_batch(run_id, metrics=[

@@ -16,7 +16,7 @@ import torch
 from wbc_transfer import models, tracking
 from wbc_transfer.config import Params
 from wbc_transfer.data import ImageSet
-from wbc_transfer.engine import configure_torch, evaluate, pick_device
+from wbc_transfer.engine import amp_dtype, configure_torch, evaluate, pick_device, place_model
 from wbc_transfer.io import read_json, write_csv, write_json
 from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
 from wbc_transfer.plots import confusion_matrix
@@ -56,12 +56,13 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     configure_torch(params.train.num_threads)
     device = pick_device(params.train.device)
     model, info = load_trained(params, name)
-    model = model.to(device)
+    model = place_model(model, device, params.evaluate.channels_last)
     classes = info["classes"]
     results: dict[str, object] = {}
     with tracking.run(params, run_id=info["run_id"]):
         for set_name, data in evaluation_sets(params, protocol).items():
-            r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size)
+            r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size,
+                         amp_dtype(device, params.train.amp))
             scores = classification_metrics(r.labels, r.predictions, classes)
             scores["ci"] = intervals(params, r.labels, r.predictions, len(classes))
             results[set_name] = scores

@@ -17,10 +17,12 @@ from wbc_transfer.config import Params
 from wbc_transfer.data import ImageSet, TrainAugment, normalise
 from wbc_transfer.engine import (
     Checkpoint,
+    amp_dtype,
     configure_torch,
     evaluate,
     make_optimizer,
     pick_device,
+    place_model,
     seed_everything,
     train_one_epoch,
 )
@@ -48,9 +50,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
 
     threads = configure_torch(t.num_threads)
     device = pick_device(t.device)
+    amp = amp_dtype(device, t.amp)
     seed_everything(seed)
     built = models.build(arch, len(data.classes), t.weights, data.size)
-    model = built.model.to(device)
+    model = place_model(built.model, device, t.channels_last)
     optimizer = make_optimizer(model, built.head, t.lr, t.head_lr_factor, t.momentum)
     augment = TrainAugment(t.translate_px, t.reference_size, data.size)
 
@@ -87,7 +90,8 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         iterations_per_epoch = -(-len(train_set) // t.batch_size)
 
         def validate_now(iteration: int) -> None:
-            r = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size)
+            r = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
+                         amp)
             mlflow.log_metrics({"val_iter_loss": r.loss, "val_iter_accuracy": r.accuracy},
                                step=iteration)
 
@@ -102,9 +106,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             stats = train_one_epoch(
                 model, train_set, optimizer, augment, built.mean, built.std, device,
                 t.batch_size, generator, progress, every=t.validate_every,
-                on_every=validate_now, start_iteration=epoch * iterations_per_epoch,
+                on_every=validate_now, start_iteration=epoch * iterations_per_epoch, amp=amp,
             )
-            val = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size)
+            val = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
+                         amp)
             row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "val_f1_macro": val.f1_macro,
                    "train_images_per_s": stats.images / stats.seconds}
@@ -118,7 +123,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         progress.close()
 
         frame = pd.DataFrame(history)
-        model_cpu = model.to("cpu").eval()
+        model_cpu = model.to("cpu", memory_format=torch.contiguous_format).eval()
         atomic_write(out / "model.pt", lambda tmp: torch.save(model_cpu.state_dict(), tmp))
         write_csv(out / "history.csv", frame)
         info = {"run_id": run_id, "architecture": arch, "protocol": protocol, "seed": seed,
