@@ -28,6 +28,7 @@ from wbc_transfer.engine import (
 )
 from wbc_transfer.io import atomic_write, write_csv, write_json
 from wbc_transfer.plots import training_curves
+from wbc_transfer.serving import pip_requirements
 
 log = logging.getLogger(__name__)
 
@@ -145,5 +146,7 @@ def log_model(model: torch.nn.Module, data: ImageSet, mean, std) -> None:
     example = normalise(data.images[:2], mean, std).numpy()
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
+    # explicit requirements: MLflow's inference re-imports the model in a subprocess (~6 s)
     mlflow.pytorch.log_model(model, name="model", input_example=example,
-                             signature=infer_signature(example, output.astype(np.float32)))
+                             signature=infer_signature(example, output.astype(np.float32)),
+                             pip_requirements=pip_requirements())
