@@ -469,7 +469,8 @@ def run_quick(dvc_args: list[str]) -> tuple[dict[str, Any], str]:
     tmp = Path(tempfile.mkdtemp(prefix="wbc-quick-"))
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
+    # without tune/: `--downstream prepare` would also run the optional tuning pipeline
+    for rel in (f for f in files if f and not f.startswith("tune/")):
         src = ROOT / rel
         if src.is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
