@@ -23,6 +23,7 @@ The paper fixed both (lr 1e-4, head factor 10) and named tuning them as future w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -192,8 +193,19 @@ def study_name(params: Params, arch: str, train_set: ImageSet) -> str:
         "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum",
                                               "translate_px", "reference_size")},
         "image_size": train_set.size, "images": train_set.paths,
+        # trials of other training code are not comparable: a code change starts a new study
+        "code": training_code_digest(),
     }
     return f"{arch}-{t.protocol}-{Checkpoint.fingerprint_of(config)[:8]}"
+
+
+def training_code_digest() -> str:
+    """sha256 over the modules that decide what a trial trains (the tune stage's DVC deps)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for name in ("data.py", "engine.py", "models.py", "tuning.py"):
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # --- training -------------------------------------------------------------------------------
