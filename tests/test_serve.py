@@ -51,8 +51,10 @@ def server(champion, tmp_path_factory):
     loopback port; yields its base URL; the process group is stopped afterwards."""
     port = free_port()
     log_file = tmp_path_factory.mktemp("serve") / "serve.log"
+    # mlflow starts `uvicorn` through bash: it must be on PATH even when the venv is not active
     env = {**os.environ, "MLFLOW_TRACKING_URI": champion.tracking_uri,
-           "MLFLOW_REGISTRY_URI": champion.tracking_uri}
+           "MLFLOW_REGISTRY_URI": champion.tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
             [mlflow_executable(), "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
