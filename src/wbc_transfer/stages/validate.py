@@ -52,7 +52,9 @@ def main(params: Params) -> dict[str, object]:
         for folder, g in good.groupby("folder")
     }
     report = {
-        "images_dir": str(images_dir),
+        # relative to the repository when inside it, so the report is the same in every clone
+        "images_dir": str(images_dir.relative_to(params.root)
+                          if images_dir.is_relative_to(params.root) else images_dir),
         "policy": params.validate.policy,
         "scanned_files": int(len(frame)),
         "usable_images": int(len(good)),
