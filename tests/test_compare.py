@@ -70,7 +70,8 @@ def synthetic_study(tmp_path: Path):
         "train": {"architectures": ["good", "weak"], "protocols": ["paper"], "seeds": [1, 2]},
         "validate": {"report_dir": "out/data"},
         "evaluate": {"out_dir": "out/eval"},
-        "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare"},
+        "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
+                    "figures_dir": "out/compare_figures"},
     }))
     params = load_params(file)
     for arch in ACCURACY:
@@ -138,7 +139,7 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     assert matrix.loc["good", "weak"] == matrix.loc["weak", "good"] < 0.05
     for name in ("mcnemar_paper_TEST.png", "mcnemar_paper_paper_test.png", "leakage_gap.png",
                  "bars_paper_TEST.png"):
-        assert (out / name).stat().st_size > 1000
+        assert (params.resolve(params.compare.figures_dir) / name).stat().st_size > 1000
 
     # the leakage gap: paper_test vs TEST per model and seed, with the near-duplicate counts
     gap = pd.read_csv(out / "leakage_gap.csv")

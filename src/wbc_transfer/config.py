@@ -114,6 +114,7 @@ class CompareParams:
     confidence: float = 0.95  # CI level; significance level of the tests = 1 - confidence
     seed: int = 42  # bootstrap resampling seed
     out_dir: str = "results/compare"
+    figures_dir: str = "results/compare_figures"  # PNGs: a DVC-cached output, not in git
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ report that states the ranking and which differences are significant.
 
 Outputs (compare.out_dir):
 - table2.md, table2.csv, table2_long.csv (one row per model, set and metric, with ci_low/high)
+PNGs go to compare.figures_dir (cached by DVC; the text outputs stay in git):
 - bars_<protocol>_<set>.png: scores with interval (one seed) or sd (several seeds) error bars
 - mcnemar.csv: every pairwise test (all seeds); mcnemar_<protocol>_<set>.csv/.png: the matrix of
   Holm-adjusted p-values for the first seed of train.seeds
@@ -14,6 +15,8 @@ Outputs (compare.out_dir):
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,7 +44,7 @@ def table_blocks(long: pd.DataFrame, params: Params) -> str:
     return table2_markdown(long, params)
 
 
-def _bars(long: pd.DataFrame, out, figures: dict[str, str]) -> None:
+def _bars(long: pd.DataFrame, figures_dir: Path, figures: dict[str, Path]) -> None:
     for (protocol, eval_set), block in long.groupby(["protocol", "eval_set"], sort=False):
         def pivot(column: str, agg: str, frame: pd.DataFrame = block) -> pd.DataFrame:
             return frame.pivot_table(index="architecture", columns="metric", values=column,
@@ -57,12 +60,13 @@ def _bars(long: pd.DataFrame, out, figures: dict[str, str]) -> None:
             errors = None
         name = f"bars_{protocol}_{eval_set}"
         grouped_bars(bars.rename(columns=LABELS), f"trained on {protocol}, tested on {eval_set}",
-                     out / f"{name}.png", errors=errors)
-        figures[name] = f"{name}.png"
+                     figures_dir / f"{name}.png", errors=errors)
+        figures[name] = figures_dir / f"{name}.png"
 
 
 def main(params: Params) -> pd.DataFrame:
     out = params.resolve(params.compare.out_dir)
+    figures_dir = params.resolve(params.compare.figures_dir)
     alpha = 1 - params.compare.confidence
     long = fill_missing_ci(params, collect(params))
     write_csv(out / "table2_long.csv", long)
@@ -70,8 +74,8 @@ def main(params: Params) -> pd.DataFrame:
                             values="value", aggfunc="mean", sort=False)
     write_csv(out / "table2.csv", wide.reset_index())
     write_text(out / "table2.md", table_blocks(long, params))
-    figures: dict[str, str] = {}
-    _bars(long, out, figures)
+    figures: dict[str, Path] = {}
+    _bars(long, figures_dir, figures)
 
     pairs = pairwise_mcnemar(params, long)
     write_csv(out / "mcnemar.csv", pairs)
@@ -83,8 +87,8 @@ def main(params: Params) -> pd.DataFrame:
         name = f"mcnemar_{protocol}_{eval_set}"
         write_csv(out / f"{name}.csv", p.rename_axis("architecture").reset_index())
         pvalue_heatmap(p, diff, alpha, f"McNemar, Holm-adjusted p (* < {alpha:.2f})\ntrained on "
-                       f"{protocol}, tested on {eval_set}, seed {first_seed}", out / f"{name}.png")
-        figures[name] = f"{name}.png"
+                       f"{protocol}, tested on {eval_set}, seed {first_seed}", figures_dir / f"{name}.png")
+        figures[name] = figures_dir / f"{name}.png"
 
     counts = leakage_counts(params)
     gap = leakage_gap(long, counts)
@@ -99,10 +103,11 @@ def main(params: Params) -> pd.DataFrame:
                         for s, i in counts.items())
         leakage_dumbbell(mean, {"accuracy": "accuracy", "f1_macro": "macro-F1"},
                          f"paper_test (leaky) vs TEST (leak-free){' — ' + dup if dup else ''}"
-                         f"{' — mean over seeds' if several else ''}", out / "leakage_gap.png")
-        figures["leakage_gap"] = "leakage_gap.png"
+                         f"{' — mean over seeds' if several else ''}", figures_dir / "leakage_gap.png")
+        figures["leakage_gap"] = figures_dir / "leakage_gap.png"
 
-    write_text(out / "report.md", report_markdown(params, long, pairs, gap, counts, figures))
+    links = {name: Path(os.path.relpath(path, out)).as_posix() for name, path in figures.items()}
+    write_text(out / "report.md", report_markdown(params, long, pairs, gap, counts, links))
     summary = {
         f"{protocol}/{eval_set}/{arch}": {m: round(float(v), 4)
                                           for m, v in g.groupby("metric")["value"].mean().items()}
