@@ -62,6 +62,7 @@ from wbc_transfer.engine import (
     evaluate,
     logits_of,
     make_optimizer,
+    place_model,
     train_one_epoch,
 )
 
@@ -82,7 +83,7 @@ class PerImageAugment:
     Kept here only so that the benchmark can measure the vectorised `TrainAugment` against it.
     """
 
-    def __init__(self, translate_px: int, reference_size: int, image_size: int):
+    def __init__(self, translate_px: int, reference_size: int):
         fraction = translate_px / reference_size
         self.transform = v2.Compose([
             v2.RandomHorizontalFlip(p=0.5),
@@ -184,34 +185,21 @@ class ArchSetup:
         self.samples.setdefault(key, []).append(value)
 
 
-def sgd(groups: Any, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **({"fused": True} if fused else {}))
-
-
 def setup_arch(arch: str, variant: Variant, params: Params, size: int, n_classes: int,
                eval_batch_size: int) -> ArchSetup:
     t = params.train
     torch.manual_seed(0)
     built = models.build(arch, n_classes, "none", size)
-    model = built.model
-    channels_last = variant.channels_last
-    if channels_last is None:
-        channels_last = bool(getattr(t, "channels_last", False))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if variant.fused_sgd:
-        head_ids = {id(p) for p in built.head.parameters()}
-        body = [p for p in model.parameters() if id(p) not in head_ids]
-        optimizer = sgd([{"params": body, "lr": t.lr},
-                         {"params": list(built.head.parameters()), "lr": t.lr * t.head_lr_factor}],
-                        t.lr, t.momentum, fused=True)
-    else:
-        optimizer = make_optimizer(model, built.head, t.lr, t.head_lr_factor, t.momentum)
-    bare_optimizer = sgd(model.parameters(), t.lr, t.momentum, variant.fused_sgd)
+    channels_last = t.channels_last if variant.channels_last is None else variant.channels_last
+    model = place_model(built.model, torch.device("cpu"), channels_last)
+    optimizer = make_optimizer(model, built.head, t.lr, t.head_lr_factor, t.momentum,
+                               fused=variant.fused_sgd)
+    bare_optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                                     **({"fused": True} if variant.fused_sgd else {}))
     if variant.compile:
         model = torch.compile(model)
     aug_cls = PerImageAugment if variant.per_image_augment else TrainAugment
-    augment = aug_cls(t.translate_px, t.reference_size, size)
+    augment = aug_cls(t.translate_px, t.reference_size)
     return ArchSetup(variant, model, optimizer, bare_optimizer, built.mean, built.std, augment,
                      variant.eval_batch_size or eval_batch_size)
 
@@ -609,12 +597,11 @@ def scratch_mlflow() -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'bench.db'}")
     mlflow.set_experiment("bench")
-    with mlflow.start_run():
-        try:
+    try:
+        with mlflow.start_run():
             yield tmp
-        finally:
-            pass
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,10 @@ def test_shift_out_of_frame_is_all_zero() -> None:
 
 def test_bounds_and_both_directions() -> None:
     h = w = 64
-    augment = TrainAugment(translate_px=30, reference_size=224, image_size=w)
+    augment = TrainAugment(translate_px=30, reference_size=224)
     m = augment.max_shift(w)
     assert m == 8  # floor(30 * 64 / 224)
-    assert TrainAugment(30, 224, 224).max_shift(224) == 30
+    assert TrainAugment(30, 224).max_shift(224) == 30
     torch.manual_seed(1)
     seen_dx, seen_dy, flips = set(), set(), []
     for _ in range(40):
@@ -71,7 +71,7 @@ def test_bounds_and_both_directions() -> None:
 
 def test_parameters_are_drawn_per_image() -> None:
     torch.manual_seed(2)
-    out = TrainAugment(30, 224, 64)(coordinate_images(32, 64, 64))
+    out = TrainAugment(30, 224)(coordinate_images(32, 64, 64))
     params = [recover(image, 64) for image in out]
     assert len(set(params)) > 16  # identical inputs, mostly different transforms
     assert {p[0] for p in params} == {True, False}
@@ -79,7 +79,7 @@ def test_parameters_are_drawn_per_image() -> None:
 
 def test_deterministic_under_torch_seed() -> None:
     batch = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    augment = TrainAugment(30, 224, 32)
+    augment = TrainAugment(30, 224)
     torch.manual_seed(42)
     first = augment(batch)
     torch.manual_seed(42)

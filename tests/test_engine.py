@@ -53,7 +53,7 @@ def test_bf16_autocast_trains_and_evaluates(real_images) -> None:
     model = place_model(built.model, CPU, channels_last=True)
     before = [p.detach().clone() for p in built.head.parameters()]
     optimizer = make_optimizer(model, built.head, 1e-3, 10, 0.9)
-    stats = train_one_epoch(model, real_images, optimizer, TrainAugment(30, 224, real_images.size),
+    stats = train_one_epoch(model, real_images, optimizer, TrainAugment(30, 224),
                             built.mean, built.std, CPU, 4, torch.Generator().manual_seed(0),
                             amp=torch.bfloat16)
     assert stats.images == len(real_images)

@@ -115,10 +115,8 @@ class TrainAugment:
     bench/NOTES.md). Works on uint8 or float batches, on any device.
     """
 
-    def __init__(self, translate_px: int, reference_size: int, image_size: int,
-                 flip_p: float = 0.5):
+    def __init__(self, translate_px: int, reference_size: int, flip_p: float = 0.5):
         self.translate_px, self.reference_size, self.flip_p = translate_px, reference_size, flip_p
-        self.image_size = image_size
 
     def max_shift(self, size: int) -> int:
         return self.translate_px * size // self.reference_size

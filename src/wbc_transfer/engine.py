@@ -76,14 +76,14 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, head: nn.Module, lr: float, head_lr_factor: float,
-                   momentum: float) -> torch.optim.Optimizer:
+                   momentum: float, fused: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum; the new head learns `head_lr_factor` times faster (the paper's
-    WeightLearnRateFactor/BiasLearnRateFactor)."""
+    WeightLearnRateFactor/BiasLearnRateFactor). `fused`: torch's fused kernel (bench only)."""
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     return torch.optim.SGD(
         [{"params": body, "lr": lr}, {"params": list(head.parameters()), "lr": lr * head_lr_factor}],
-        lr=lr, momentum=momentum,
+        lr=lr, momentum=momentum, **({"fused": True} if fused else {}),
     )
 
 

@@ -222,7 +222,7 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
     model = place_model(built.model, ctx.device, t.channels_last)
     amp = amp_dtype(ctx.device, t.amp)
     optimizer = make_optimizer(model, built.head, lr, head_lr_factor, t.momentum)
-    augment = TrainAugment(t.translate_px, t.reference_size, train_set.size)
+    augment = TrainAugment(t.translate_px, t.reference_size)
     history: list[dict[str, float]] = []
     for epoch in range(1, ctx.params.tune.epochs + 1):
         torch.manual_seed(seed * 1000 + epoch)

@@ -59,10 +59,11 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     model = place_model(model, device, params.evaluate.channels_last)
     classes = info["classes"]
     results: dict[str, object] = {}
+    amp = amp_dtype(device, params.train.amp)
     with tracking.run(params, run_id=info["run_id"]):
         for set_name, data in evaluation_sets(params, protocol).items():
             r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size,
-                         amp_dtype(device, params.train.amp))
+                         amp)
             scores = classification_metrics(r.labels, r.predictions, classes)
             scores["ci"] = intervals(params, r.labels, r.predictions, len(classes))
             results[set_name] = scores

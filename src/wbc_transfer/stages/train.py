@@ -56,7 +56,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     built = models.build(arch, len(data.classes), t.weights, data.size)
     model = place_model(built.model, device, t.channels_last)
     optimizer = make_optimizer(model, built.head, t.lr, t.head_lr_factor, t.momentum)
-    augment = TrainAugment(t.translate_px, t.reference_size, data.size)
+    augment = TrainAugment(t.translate_px, t.reference_size)
 
     resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
                 "image_size": data.size, "weights_source": built.weights_source}
