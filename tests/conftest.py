@@ -35,9 +35,10 @@ CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 
 # params used by the tests on a mini copy: small enough for 40 TRAIN images per class
 MINI_SPLIT = {
-    "paper": {"per_class": 20, "val_per_class": 3},
-    "heldout": {"train_per_class": 10, "val_per_class": 3},
+    "paper": {"per_class": 20},
+    "heldout": {"train_per_class": 10},
 }
+MINI_GROUPS = {"workers": 1, "sibling_cells": 4, "siblings_per_cell": 3}
 
 
 def mirror_root() -> Path:
@@ -129,6 +130,8 @@ def write_params(repo: Path, data_root: Path | str, **overrides: Any) -> Path:
     raw["data"]["root"] = str(data_root)
     for section, values in MINI_SPLIT.items():
         raw["split"][section].update(values)
+    raw["split"]["val_per_class"] = 3
+    raw["groups"].update(MINI_GROUPS)
     for key, value in overrides.items():
         _set(raw, key.replace("__", "."), value)
     repo.mkdir(parents=True, exist_ok=True)

@@ -53,12 +53,13 @@ def test_seeds_expand_the_dvc_matrix(tmp_path: Path):
 def synthetic_predictions(arch: str, seed: int, eval_set: str) -> pd.DataFrame:
     n = SIZES[eval_set]
     rng = np.random.default_rng(zlib.crc32(f"{arch}-{seed}-{eval_set}".encode()))
-    actual = np.arange(n) % len(CLASSES)
+    actual = np.arange(n) // 2 % len(CLASSES)
     shift = 0.05 if eval_set == "paper_test" else 0.0  # the leaky set scores a little higher
     wrong = rng.random(n) > ACCURACY[arch] + shift
     predicted = np.where(wrong, (actual + 1 + rng.integers(0, 3, n)) % len(CLASSES), actual)
     return pd.DataFrame({"path": [f"{eval_set}/{i}.jpeg" for i in range(n)],
-                         "actual": [CLASSES[i] for i in actual],
+                         "group": [f"{eval_set}/cell-{i // 2}" for i in range(n)],  # 2 copies a cell
+                         "actual": [CLASSES[i // 2 % len(CLASSES)] for i in range(n)],
                          "predicted": [CLASSES[i] for i in predicted]})
 
 
@@ -84,9 +85,11 @@ def synthetic_study(tmp_path: Path):
                 code = {c: i for i, c in enumerate(CLASSES)}
                 y_true, y_pred = pred["actual"].map(code), pred["predicted"].map(code)
                 sets[eval_set] = classification_metrics(y_true, y_pred, CLASSES)
+                sets[eval_set]["n_cells"] = SIZES[eval_set] // 2
                 if seed == 1:  # seed 2 mimics outputs evaluated before intervals existed
                     sets[eval_set]["ci"] = intervals(params, y_true.to_numpy(),
-                                                     y_pred.to_numpy(), len(CLASSES))
+                                                     y_pred.to_numpy(), len(CLASSES),
+                                                     pred["group"].to_numpy())
             summary = {"model": f"{arch}-paper-{seed}", "run_id": f"run-{arch}-{seed}",
                        "architecture": arch, "protocol": "paper", "seed": seed,
                        "weights_source": "imagenet:test" if arch == "good" else "random-init",
@@ -95,9 +98,9 @@ def synthetic_study(tmp_path: Path):
                 summary["bootstrap"] = bootstrap_settings(params)
             write_json(folder / "metrics.json", summary)
     write_json(tmp_path / "out" / "data" / "leakage.json", {
-        "paper_test_vs_paper_train": {"images": 40, "with_near_duplicate": 17,
-                                      "fraction": 0.425},
-        "TEST_vs_all_TRAIN": {"images": 80, "with_near_duplicate": 0, "fraction": 0.0},
+        "paper_test_vs_paper_train": {"images": 40, "cells": 20, "with_sibling": 17,
+                                      "cells_shared": 9, "fraction": 0.425},
+        "TEST_vs_all_TRAIN": {"images": 80, "cells": 40, "with_sibling": 0},
     })
     return params
 
@@ -114,7 +117,8 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     pred = pd.read_csv(params.resolve("out/eval/good-paper-2/predictions/TEST.csv"))
     code = {c: i for i, c in enumerate(CLASSES)}
     expected = intervals(params, pred["actual"].map(code).to_numpy(),
-                         pred["predicted"].map(code).to_numpy(), len(CLASSES))
+                         pred["predicted"].map(code).to_numpy(), len(CLASSES),
+                         pred["group"].to_numpy())
     row = long[(long["architecture"] == "good") & (long["seed"] == 2)
                & (long["eval_set"] == "TEST") & (long["metric"] == "accuracy")].iloc[0]
     assert [row["ci_low"], row["ci_high"]] == expected["accuracy"]
@@ -145,14 +149,15 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     gap = pd.read_csv(out / "leakage_gap.csv")
     assert len(gap) == 2 * 2 * 4  # archs x seeds x metrics
     np.testing.assert_allclose(gap["gap"], gap["paper_test"] - gap["TEST"])
-    assert set(gap["paper_test_near_duplicates"]) == {17}
-    assert set(gap["TEST_near_duplicates"]) == {0}
+    assert set(gap["paper_test_images_with_cell_in_train"]) == {17}
 
     # the report states the ranking and the significant differences from the numbers
     report = (out / "report.md").read_text()
     assert "**good** > weak: significant in 2 of 2 seeds" in report
     assert "**good** is significantly more accurate than every other architecture" in report
-    assert "17 of 40 `paper_test` images" in report
+    assert "17 of 40 `paper/paper_test` images (42.5%; 9 of 20 cells)" in report
+    assert "n = 80 images, 40 cells" in report  # the effective n beside n
+    assert "McNemar tests on the same cells" in report
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (out / link).is_file(), link
 

@@ -1,4 +1,4 @@
-"""wbc_transfer.stats: bootstrap intervals, McNemar, Holm."""
+"""wbc_transfer.stats: cluster-bootstrap intervals, per-cell outcomes, McNemar, Holm."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def test_perfect_classifier_interval_is_one_one():
 def test_bootstrap_matches_sklearn_resample_by_resample():
     y_true, y_pred = noisy()
     dist = stats.bootstrap_distribution(y_true, y_pred, 4, n_resamples=30, seed=7)
-    index = stats.bootstrap_indices(len(y_true), 30, seed=7)
+    counts = stats.bootstrap_counts(len(y_true), 30, seed=7)  # each image its own group
     for b in (0, 13, 29):
-        t, p = y_true[index[b]], y_pred[index[b]]
+        index = np.repeat(np.arange(len(y_true)), counts[b])
+        t, p = y_true[index], y_pred[index]
         precision, recall, f1, _ = precision_recall_fscore_support(
             t, p, labels=range(4), average="macro", zero_division=0)
         assert dist["accuracy"][b] == pytest.approx(accuracy_score(t, p))
@@ -98,3 +99,36 @@ def test_holm_on_known_p_values():
     assert math.isnan(with_nan[1])
     np.testing.assert_allclose(with_nan[[0, 2]], [0.02, 0.02])
     assert len(stats.holm([])) == 0
+
+
+def test_cluster_bootstrap_resamples_groups_not_their_copies():
+    # 3 cells, 100 identical copies each (2 right, 1 wrong): the interval is the 3-cell one
+    y_true = np.array([0, 1, 2])
+    y_pred = np.array([0, 1, 3])
+    copies_true, copies_pred = np.repeat(y_true, 100), np.repeat(y_pred, 100)
+    groups = np.repeat(["a", "b", "c"], 100)
+    clustered = stats.bootstrap_ci(copies_true, copies_pred, 4, 500, 0.95, seed=5, groups=groups)
+    three = stats.bootstrap_ci(y_true, y_pred, 4, 500, 0.95, seed=5)
+    assert clustered == three
+    assert clustered["accuracy"] == (0.0, 1.0)  # three cells: anything from 0 to 3 right
+    # the 300 copies taken as independent images give a far narrower (wrong) interval
+    naive = stats.bootstrap_ci(copies_true, copies_pred, 4, 500, 0.95, seed=5)
+    assert naive["accuracy"][1] - naive["accuracy"][0] < 0.15
+
+
+def test_cluster_bootstrap_matches_sklearn_on_the_drawn_cells():
+    y_true, y_pred = noisy(n=60)
+    groups = np.arange(60) // 4  # 15 cells of 4 images
+    dist = stats.bootstrap_distribution(y_true, y_pred, 4, n_resamples=10, seed=2, groups=groups)
+    counts = stats.bootstrap_counts(15, 10, seed=2)
+    for b in (0, 9):
+        index = np.concatenate([np.repeat(np.flatnonzero(groups == g), counts[b, g]) for g in range(15)])
+        f1 = precision_recall_fscore_support(y_true[index], y_pred[index], labels=range(4),
+                                             average="macro", zero_division=0)[2]
+        assert dist["f1_macro"][b] == pytest.approx(f1)
+        assert dist["accuracy"][b] == pytest.approx(accuracy_score(y_true[index], y_pred[index]))
+
+
+def test_a_cell_is_right_when_most_of_its_images_are():
+    outcome = stats.cell_outcomes([1, 1, 0, 0, 0, 1, 1, 0, 0], list("aaabbcccc"))
+    assert outcome.to_dict() == {"a": True, "b": False, "c": False}  # c: 2 of 4 is no majority

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from wbc_transfer import models
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.engine import Checkpoint, make_optimizer
-from wbc_transfer.stages import compare, evaluate, prepare, promote, split, train, validate
+from wbc_transfer.stages import compare, evaluate, groups, prepare, promote, split, train, validate
 
 from conftest import write_params
 
@@ -42,9 +42,8 @@ def study_params(repo: Path, data_root: Path, **overrides) -> Params:
         "evaluate.max_per_class": 5,
         "compare.bootstrap": 50,
         "split.paper.per_class": 10,
-        "split.paper.val_per_class": 2,
+        "split.val_per_class": 2,
         "split.heldout.train_per_class": 5,
-        "split.heldout.val_per_class": 2,
     }
     settings.update(overrides)
     return load_params(write_params(repo, data_root, **settings))
@@ -56,6 +55,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, mini_dataset: Path) -> Pa
     repo = tmp_path_factory.mktemp("study")
     params = study_params(repo, mini_dataset)
     validate.main(params)
+    groups.main(params)
     split.main(params)
     prepare.main(params)
     return repo
@@ -72,7 +72,8 @@ def test_study_end_to_end_tracks_runs_and_promotes_a_champion(prepared: Path, mi
         evaluate.main(params, arch=arch, protocol="paper", seed=42)
     long = compare.main(params)
     assert set(long["architecture"]) == {"alexnet", "efficientnet_lite0"}
-    assert {"paper_test", "TEST"} <= set(long["eval_set"])
+    assert {"validation", "paper_test", "TEST"} <= set(long["eval_set"])
+    assert (long.loc[long["eval_set"] == "TEST", "n_cells"] < long.loc[long["eval_set"] == "TEST", "n"]).all()
     table = (prepared / "results/compare/table2.md").read_text()
     assert "random-init (imagenet unavailable)" in table  # alexnet offline, marked as such
 
@@ -105,6 +106,9 @@ def test_study_end_to_end_tracks_runs_and_promotes_a_champion(prepared: Path, mi
 
     result = promote.main(params)
     best = result["run_id"]
+    assert result["eval_set"] == "validation"
+    validation = long[(long["eval_set"] == "validation") & (long["metric"] == "f1_macro")]
+    assert result["value"] == f"{validation['value'].max():.4f}"  # the best by validation
     version = client.get_model_version_by_alias(params.promote.model_name, "champion")
     assert version.run_id == best
     assert version.tags["promotion.metric"] == "f1_macro"

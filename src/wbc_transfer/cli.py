@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from wbc_transfer.config import ConfigError, load_params
 
-STAGES = ("validate", "split", "prepare", "train", "evaluate", "compare", "promote", "tune")
+STAGES = ("validate", "groups", "split", "prepare", "train", "evaluate", "compare", "promote", "tune")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="params.yaml to use (default: found from cwd)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in ("validate", "split", "prepare", "compare", "promote"):
+    for stage in ("validate", "groups", "split", "prepare", "compare", "promote"):
         sub.add_parser(stage, help=f"run the DVC stage `{stage}`")
     for stage in ("train", "evaluate"):
         p = sub.add_parser(stage, help=f"run the DVC stage `{stage}` for one model")

@@ -1,5 +1,6 @@
 """Collect evaluation results of every trained model into one long table, and the statistics
-that say how far to trust it: bootstrap intervals, pairwise McNemar tests, the leakage gap."""
+that say how far to trust it: cluster-bootstrap intervals, pairwise McNemar tests on cells, the
+leakage gap."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from wbc_transfer.metrics import SUMMARY_METRICS
 from wbc_transfer.stages.train import model_name
 from wbc_transfer.stats import bootstrap_settings, intervals
 
-# leakage.json (split stage) entries that describe each evaluation set of the paper protocol
-LEAKAGE_KEYS = {"paper_test": "paper_test_vs_paper_train", "TEST": "TEST_vs_all_TRAIN"}
+# leakage.json (split stage) entries that describe each (protocol, evaluation set)
+LEAKAGE_KEYS = {("paper", "paper_test"): "paper_test_vs_paper_train",
+                ("paper_grouped", "paper_test"): "paper_grouped_test_vs_paper_grouped_train",
+                ("heldout", "TEST"): "heldout_test_vs_heldout_train",
+                ("any", "validation"): "heldout_val_vs_heldout_train"}
 
 
 def expected_models(params: Params) -> list[tuple[str, str, int]]:
@@ -48,8 +52,10 @@ def collect(params: Params) -> pd.DataFrame:
                     "architecture": arch, "protocol": protocol, "seed": seed,
                     "eval_set": eval_set, "metric": metric, "value": scores[metric],
                     "ci_low": low, "ci_high": high,
-                    "n": scores["n"], "weights_source": summary["weights_source"],
-                    "run_id": summary["run_id"],
+                    "n": scores["n"], "n_cells": scores.get("n_cells", scores["n"]),
+                    "cell_accuracy": scores.get("cell_accuracy", np.nan),
+                    "weights_source": summary["weights_source"],
+                    "recipe": summary.get("recipe", "paper"), "run_id": summary["run_id"],
                 })
     return pd.DataFrame(rows)
 
@@ -77,7 +83,8 @@ def fill_missing_ci(params: Params, long: pd.DataFrame) -> pd.DataFrame:
         code = {c: i for i, c in enumerate(classes)}
         pred = load_predictions(params, arch, protocol, seed, eval_set)
         ci = intervals(params, pred["actual"].map(code).to_numpy(),
-                       pred["predicted"].map(code).to_numpy(), len(classes))
+                       pred["predicted"].map(code).to_numpy(), len(classes),
+                       pred["group"].to_numpy() if "group" in pred else None)
         for metric, (low, high) in ci.items():
             where = ((long["architecture"] == arch) & (long["protocol"] == protocol)
                      & (long["seed"] == seed) & (long["eval_set"] == eval_set)
@@ -105,10 +112,18 @@ def ranking(long: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index(drop=True)
 
 
+def cells_correct(pred: pd.DataFrame) -> pd.Series:
+    """group -> whether the model got the cell right (more than half of its images), from the
+    evaluate stage's predictions; each image its own cell when there is no group column."""
+    groups = pred["group"] if "group" in pred else pred["path"]
+    return stats.cell_outcomes((pred["actual"] == pred["predicted"]).to_numpy(), groups.to_numpy())
+
+
 def pairwise_mcnemar(params: Params, long: pd.DataFrame) -> pd.DataFrame:
-    """McNemar test for every pair of architectures on the same images, per (protocol,
-    eval_set, seed) block, Holm-adjusted within the block. b: images only arch_a got right,
-    c: images only arch_b got right; significant: p_holm < 1 - compare.confidence."""
+    """McNemar test for every pair of architectures on the same cells (per-cell outcomes: a cell
+    is right when more than half of its images are), per (protocol, eval_set, seed) block,
+    Holm-adjusted within the block. b: cells only arch_a got right, c: cells only arch_b got
+    right; accuracy_a/b: per-cell accuracy; significant: p_holm < 1 - compare.confidence."""
     alpha = 1 - params.compare.confidence
     rows = []
     blocks = long[["protocol", "eval_set", "seed"]].drop_duplicates()
@@ -118,9 +133,7 @@ def pairwise_mcnemar(params: Params, long: pd.DataFrame) -> pd.DataFrame:
                      & (long["eval_set"] == eval_set) & (long["seed"] == seed)).any()]
         correct = {}
         for arch in archs:
-            pred = load_predictions(params, arch, protocol, seed, eval_set)
-            correct[arch] = pd.Series((pred["actual"] == pred["predicted"]).to_numpy(),
-                                      index=pred["path"])
+            correct[arch] = cells_correct(load_predictions(params, arch, protocol, seed, eval_set))
         block = []
         for a, b in combinations(archs, 2):
             paired = pd.concat([correct[a], correct[b]], axis=1, join="inner")
@@ -156,13 +169,14 @@ def pvalue_matrix(pairs: pd.DataFrame, archs: list[str],
 
 
 def leakage_counts(params: Params) -> dict[str, dict[str, object]]:
-    """eval_set -> near-duplicate summary from the split stage's leakage.json ({} if absent)."""
+    """'<protocol>/<eval_set>' -> leakage by cells from the split stage's leakage.json ({} if
+    absent): images (and cells) of the set whose cell is in that protocol's training split."""
     file = params.resolve(params.validate.report_dir) / "leakage.json"
     if not file.is_file():
         return {}
     report = read_json(file)
-    return {s: {**report[key], "compared_with": key.split("_vs_", 1)[1]}
-            for s, key in LEAKAGE_KEYS.items() if key in report}
+    return {f"{protocol}/{s}": {**report[key], "compared_with": key.split("_vs_", 1)[1]}
+            for (protocol, s), key in LEAKAGE_KEYS.items() if key in report}
 
 
 def leakage_gap(long: pd.DataFrame, counts: dict[str, dict[str, object]]) -> pd.DataFrame:
@@ -176,12 +190,10 @@ def leakage_gap(long: pd.DataFrame, counts: dict[str, dict[str, object]]) -> pd.
     wide.columns = [f"{s}_{v}" if v != "value" else s for v, s in wide.columns]
     wide = wide.reset_index()
     wide["gap"] = wide["paper_test"] - wide["TEST"]
-    for eval_set in ("paper_test", "TEST"):
-        info = counts.get(eval_set, {})
-        wide[f"{eval_set}_near_duplicates"] = info.get("with_near_duplicate", np.nan)
-        wide[f"{eval_set}_images_checked"] = info.get("images", np.nan)
+    info = counts.get("paper/paper_test", {})
+    wide["paper_test_images_with_cell_in_train"] = info.get("with_sibling", np.nan)
+    wide["paper_test_images"] = info.get("images", np.nan)
     order = ["architecture", "seed", "metric", "paper_test", "TEST", "gap",
              "paper_test_ci_low", "paper_test_ci_high", "TEST_ci_low", "TEST_ci_high",
-             "paper_test_near_duplicates", "paper_test_images_checked",
-             "TEST_near_duplicates", "TEST_images_checked"]
+             "paper_test_images_with_cell_in_train", "paper_test_images"]
     return wide[[c for c in order if c in wide.columns]]

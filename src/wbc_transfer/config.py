@@ -44,30 +44,40 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
+class GroupsParams:
+    """The `groups` stage: fingerprint size, clustering threshold, the sibling check."""
+
+    candidates: int = 15  # colour-histogram neighbours verified by keypoint matching, per image
+    min_inliers: int = 10  # RANSAC-affine inliers that make two images one cell
+    features: int = 300  # SIFT keypoints per view
+    workers: int = 2  # processes that describe images
+    manifest: str = "data/groups.csv"
+    siblings_per_cell: int = 8
+    sibling_cells: int = 60
+    seed: int = 42
+    target_recall: float = 0.97
+    target_precision: float = 0.99
+
+
+@dataclass(frozen=True)
 class PaperSplitParams:
     per_class: int = 100
     test_fraction: float = 0.3
-    val_per_class: int = 25
 
 
 @dataclass(frozen=True)
 class HeldoutSplitParams:
-    train_per_class: int = 100
-    val_per_class: int = 25
-
-
-@dataclass(frozen=True)
-class LeakageParams:
-    threshold: float = 0.98
+    train_per_class: int | None = None  # None: every image of the training cells
 
 
 @dataclass(frozen=True)
 class SplitParams:
     seed: int = 42
     out_dir: str = "data/splits"
+    val_fraction: float = 0.2  # share of each class's TRAIN cells held out for validation
+    val_per_class: int | None = 100  # validation images per class, spread over its cells
     paper: PaperSplitParams = field(default_factory=PaperSplitParams)
     heldout: HeldoutSplitParams = field(default_factory=HeldoutSplitParams)
-    leakage: LeakageParams = field(default_factory=LeakageParams)
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,19 @@ class TrainParams:
     protocols: tuple[str, ...] = ("paper",)
     seeds: tuple[int, ...] = (42,)
     weights: str = "auto"
+    recipe: str = "paper"  # paper | modern (see wbc_transfer.recipe)
     epochs: int = 30
     batch_size: int = 10
     lr: float = 1e-4
     momentum: float = 0.9
     head_lr_factor: float = 10.0
+    weight_decay: float = 0.05  # modern: AdamW's decoupled weight decay
+    warmup_epochs: float = 1.0  # modern: linear warm-up, then cosine decay to 0
+    label_smoothing: float = 0.1  # modern
+    rotation_deg: float = 20.0  # modern augmentation: random rotation in [-x, x] degrees
+    colour_jitter: float = 0.1  # modern augmentation: brightness/contrast/saturation +- x, hue +- x/2
+    patience: int = 0  # early stopping: epochs without a better validation macro-F1 (0: off)
+    keep: str = "best"  # best: the weights of the best validation epoch; last: the last epoch
     translate_px: int = 30
     reference_size: int = 224
     validate_every: int = 0
@@ -105,6 +123,7 @@ class EvaluateParams:
     batch_size: int = 16
     max_per_class: int | None = None
     channels_last: bool = True
+    tta: bool = False  # average the softmax of the image and its horizontal flip
     out_dir: str = "results/eval"
 
 
@@ -122,8 +141,8 @@ class PromoteParams:
     model_name: str = "wbc-classifier"
     alias: str = "champion"
     metric: str = "f1_macro"
-    eval_set: str = "paper_test"
-    protocol: str = "paper"
+    eval_set: str = "validation"  # the leak-free validation groups; never a test set
+    protocols: tuple[str, ...] = ("paper", "paper_grouped", "heldout")  # candidates
     out: str = "results/promotion.json"
 
 
@@ -160,7 +179,6 @@ class TuneParams:
     protocol: str = "paper"
     trials: int = 7
     epochs: int = 3
-    val_fraction: float = 0.25
     seed: int = 42
     timeout: float | None = None
     storage: str | None = None
@@ -176,6 +194,7 @@ class Params:
     base: BaseParams = field(default_factory=BaseParams)
     data: DataParams = field(default_factory=DataParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
+    groups: GroupsParams = field(default_factory=GroupsParams)
     split: SplitParams = field(default_factory=SplitParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -249,15 +268,18 @@ def check(params: Params) -> None:
     paper = params.split.paper
     if paper.per_class < 2:
         problems.append(f"split.paper.per_class must be >= 2, got {paper.per_class}")
-    if not 0 < paper.test_fraction < 1:
-        problems.append(f"split.paper.test_fraction must be in (0, 1), got {paper.test_fraction}")
-    for name in ("val_per_class",):
-        if getattr(paper, name) < 0 or getattr(params.split.heldout, name) < 0:
-            problems.append(f"split.*.{name} must be >= 0")
-    if params.split.heldout.train_per_class < 1:
-        problems.append("split.heldout.train_per_class must be >= 1")
-    if not 0 < params.split.leakage.threshold <= 1:
-        problems.append(f"split.leakage.threshold must be in (0, 1], got {params.split.leakage.threshold}")
+    if not 0 < paper.test_fraction <= 0.5:
+        problems.append(f"split.paper.test_fraction must be in (0, 0.5], got {paper.test_fraction}")
+    if not 0 < params.split.val_fraction <= 0.5:
+        problems.append(f"split.val_fraction must be in (0, 0.5], got {params.split.val_fraction}")
+    for name, value in (("split.val_per_class", params.split.val_per_class),
+                        ("split.heldout.train_per_class", params.split.heldout.train_per_class)):
+        if value is not None and value < 1:
+            problems.append(f"{name} must be >= 1 or null (all), got {value}")
+    for name in ("candidates", "min_inliers", "features", "workers", "siblings_per_cell",
+                 "sibling_cells"):
+        if getattr(params.groups, name) < 1:
+            problems.append(f"groups.{name} must be >= 1, got {getattr(params.groups, name)}")
     t = params.train
     if t.epochs < 1:
         problems.append(f"train.epochs must be >= 1, got {t.epochs}")
@@ -273,9 +295,23 @@ def check(params: Params) -> None:
         problems.append(f"train.momentum must be in [0, 1), got {t.momentum}")
     if params.prepare.image_size < 32:
         problems.append(f"prepare.image_size must be >= 32, got {params.prepare.image_size}")
-    unknown_protocols = set(t.protocols) - {"paper", "heldout"}
+    known_protocols = {"paper", "paper_grouped", "heldout"}
+    unknown_protocols = (set(t.protocols) | set(params.promote.protocols)) - known_protocols
     if unknown_protocols:
-        problems.append(f"train.protocols: unknown {sorted(unknown_protocols)}; use paper, heldout")
+        problems.append(f"train.protocols / promote.protocols: unknown {sorted(unknown_protocols)}; "
+                        f"use {sorted(known_protocols)}")
+    if t.recipe not in {"paper", "modern"}:
+        problems.append(f"train.recipe must be paper or modern, got {t.recipe!r}")
+    if t.keep not in {"best", "last"}:
+        problems.append(f"train.keep must be best or last, got {t.keep!r}")
+    if t.patience < 0:
+        problems.append(f"train.patience must be >= 0 (0: no early stopping), got {t.patience}")
+    if not 0 <= t.label_smoothing < 1:
+        problems.append(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if params.promote.eval_set != "validation":
+        problems.append(f"promote.eval_set must be 'validation' (the leak-free validation cells): "
+                        f"a test set ({params.promote.eval_set!r}) may be reported, never used to "
+                        f"choose the champion")
     if params.compare.bootstrap < 0:
         problems.append("compare.bootstrap must be >= 0")
     if not 0 < params.compare.confidence < 1:
@@ -295,7 +331,7 @@ def check_tune(tune: TuneParams) -> list[str]:
     space, pruner = tune.space, tune.pruner
     numbers = {
         "tune.trials": tune.trials, "tune.epochs": tune.epochs,
-        "tune.val_fraction": tune.val_fraction, "tune.seed": tune.seed,
+        "tune.seed": tune.seed,
         "tune.space.lr_low": space.lr_low, "tune.space.lr_high": space.lr_high,
         "tune.space.head_lr_factor_low": space.head_lr_factor_low,
         "tune.space.head_lr_factor_high": space.head_lr_factor_high,
@@ -315,8 +351,6 @@ def check_tune(tune: TuneParams) -> list[str]:
     for name in ("tune.trials", "tune.epochs"):
         if numbers[name] < 1 or numbers[name] != int(numbers[name]):
             problems.append(f"{name} must be a whole number >= 1, got {numbers[name]}")
-    if not 0 < tune.val_fraction < 1:
-        problems.append(f"tune.val_fraction must be in (0, 1), got {tune.val_fraction}")
     if tune.timeout is not None and tune.timeout <= 0:
         problems.append(f"tune.timeout must be > 0 seconds or null, got {tune.timeout}")
     for name in ("lr", "head_lr_factor"):
@@ -336,8 +370,8 @@ def check_tune(tune: TuneParams) -> list[str]:
     for name in ("n_startup_trials", "n_warmup_steps"):
         if getattr(pruner, name) < 0:
             problems.append(f"tune.pruner.{name} must be >= 0, got {getattr(pruner, name)}")
-    if tune.protocol not in {"paper", "heldout"}:
-        problems.append(f"tune.protocol must be paper or heldout, got {tune.protocol!r}")
+    if tune.protocol not in {"paper", "paper_grouped", "heldout"}:
+        problems.append(f"tune.protocol must be paper, paper_grouped or heldout, got {tune.protocol!r}")
     if not tune.architectures:
         problems.append("tune.architectures must name at least one architecture")
     if tune.storage is not None and not (

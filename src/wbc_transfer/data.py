@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class ImageSet:
     paths: list[str]
     splits: list[str]
     classes: list[str]
+    groups: list[str] = field(default_factory=list)  # the cell of each image (see grouping)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,6 +45,9 @@ class ImageSet:
     def subset(self, split: str, max_per_class: int | None = None, seed: int = 0) -> ImageSet:
         """Rows of one split, optionally capped per class (deterministic, by `seed`)."""
         idx = np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+        return self.take(self._capped(idx, max_per_class, seed))
+
+    def _capped(self, idx: np.ndarray, max_per_class: int | None, seed: int) -> np.ndarray:
         if max_per_class is not None and len(idx):
             rng = np.random.default_rng(seed)
             labels = self.labels[idx].numpy()
@@ -54,6 +58,11 @@ class ImageSet:
                     members = np.sort(rng.choice(members, max_per_class, replace=False))
                 keep.append(members)
             idx = np.sort(np.concatenate(keep))
+        return idx
+
+    def take(self, idx: np.ndarray | Sequence[int]) -> ImageSet:
+        """The rows `idx` (int64 positions), in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
         index = torch.from_numpy(idx)
         return ImageSet(
             images=self.images[index],
@@ -61,12 +70,13 @@ class ImageSet:
             paths=[self.paths[i] for i in idx],
             splits=[self.splits[i] for i in idx],
             classes=self.classes,
+            groups=[self.groups[i] for i in idx] if self.groups else [],
         )
 
     def save(self, path: Path) -> None:
         payload = {
             "images": self.images, "labels": self.labels, "paths": self.paths,
-            "splits": self.splits, "classes": self.classes,
+            "splits": self.splits, "classes": self.classes, "groups": self.groups,
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -101,6 +111,7 @@ def build_image_set(
         paths=manifest["path"].tolist(),
         splits=manifest["split"].tolist(),
         classes=list(classes),
+        groups=manifest["group"].astype(str).tolist() if "group" in manifest else [],
     )
 
 

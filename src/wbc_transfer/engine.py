@@ -75,16 +75,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, head: nn.Module, lr: float, head_lr_factor: float,
-                   momentum: float, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD with momentum; the new head learns `head_lr_factor` times faster (the paper's
-    WeightLearnRateFactor/BiasLearnRateFactor). `fused`: torch's fused kernel (bench only)."""
+def parameter_groups(model: nn.Module, head: nn.Module, lr: float,
+                     head_lr_factor: float) -> list[dict[str, Any]]:
+    """Two optimiser groups: the pretrained body at `lr`, the new head at `lr * head_lr_factor`
+    (the paper's WeightLearnRateFactor/BiasLearnRateFactor)."""
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in model.parameters() if id(p) not in head_ids]
-    return torch.optim.SGD(
-        [{"params": body, "lr": lr}, {"params": list(head.parameters()), "lr": lr * head_lr_factor}],
-        lr=lr, momentum=momentum, **({"fused": True} if fused else {}),
-    )
+    return [{"params": body, "lr": lr}, {"params": list(head.parameters()), "lr": lr * head_lr_factor}]
+
+
+def make_optimizer(model: nn.Module, head: nn.Module, lr: float, head_lr_factor: float,
+                   momentum: float, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper recipe); the new head learns `head_lr_factor` times faster.
+    `fused`: torch's fused kernel (bench only). The modern recipe: `recipe.make_optimizer`."""
+    return torch.optim.SGD(parameter_groups(model, head, lr, head_lr_factor), lr=lr,
+                           momentum=momentum, **({"fused": True} if fused else {}))
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -105,21 +110,30 @@ class EvalResult:
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
             device: torch.device, batch_size: int = 64,
-            amp: torch.dtype | None = None) -> torch.Tensor:
-    """Batched inference; returns logits (float32, on the CPU)."""
+            amp: torch.dtype | None = None, tta: bool = False) -> torch.Tensor:
+    """Batched inference on uint8 N x 3 x S x S; returns float32 N x K logits on the CPU.
+
+    `tta`: test-time augmentation, the mean of the softmax of each image and of its horizontal
+    flip; returned as log-probabilities, so that softmax() of the result is that mean."""
     model.eval()
     outputs = []
     for idx in batches(len(images), batch_size):
         x = normalise(to_device(images[idx], device), mean, std)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            outputs.append(logits_of(model(x)).float().cpu())
+            logits = logits_of(model(x)).float()
+            if tta:
+                flipped = logits_of(model(x.flip(-1))).float()
+                logits = torch.log((logits.softmax(1) + flipped.softmax(1)) / 2)
+        outputs.append(logits.cpu())
     return torch.cat(outputs) if outputs else torch.zeros((0, 0))
 
 
 def evaluate(model: nn.Module, data: ImageSet, mean: Sequence[float], std: Sequence[float],
              device: torch.device, batch_size: int = 64,
-             amp: torch.dtype | None = None) -> EvalResult:
-    logits = predict(model, data.images, mean, std, device, batch_size, amp)
+             amp: torch.dtype | None = None, tta: bool = False) -> EvalResult:
+    """Loss (cross-entropy, nats), accuracy and macro-F1 of `model` on `data`, with the
+    per-image probabilities (float N x K) and predictions (int N)."""
+    logits = predict(model, data.images, mean, std, device, batch_size, amp, tta)
     labels = data.labels
     loss = float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
     probs = torch.softmax(logits, dim=1).numpy()
@@ -157,8 +171,11 @@ def train_one_epoch(
     on_every: Callable[[int], None] | None = None,
     start_iteration: int = 0,
     amp: torch.dtype | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> EpochStats:
-    """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`."""
+    """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`.
+    `loss_fn(logits, labels)`: the recipe's loss; `scheduler` is stepped after every step."""
     import time
 
     model.train()
@@ -170,10 +187,12 @@ def train_one_epoch(
         y = to_device(data.labels[idx], device)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             logits = logits_of(model(x))
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)

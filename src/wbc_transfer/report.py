@@ -61,11 +61,22 @@ def _cell(block: pd.DataFrame, arch: str, metric: str, seed: int | None = None) 
     return fmt_ci(row["value"], row["ci_low"], row["ci_high"])
 
 
+def _n(block: pd.DataFrame) -> str:
+    """'n = 2487 images, 71 cells': the sample size and the effective sample size."""
+    return f"n = {int(block['n'].iloc[0])} images, {int(block['n_cells'].iloc[0])} cells"
+
+
+def _cell_accuracy(block: pd.DataFrame, arch: str) -> str:
+    values = block[(block["architecture"] == arch) & (block["metric"] == "accuracy")]["cell_accuracy"]
+    return f"{values.mean():.3f}" if values.notna().any() else "—"
+
+
 def intervals_note(params: Params, several_seeds: bool) -> str:
     c = params.compare
-    note = (f"Brackets: {c.confidence:.0%} percentile bootstrap interval over the test images "
-            f"({c.bootstrap} resamples, seed {c.seed})." if c.bootstrap else
-            "No intervals: `compare.bootstrap` is 0.")
+    note = (f"Brackets: {c.confidence:.0%} percentile cluster-bootstrap interval: the cells "
+            f"(groups of augmented copies) are resampled, not the images ({c.bootstrap} "
+            f"resamples, seed {c.seed}). Per-cell accuracy: a cell is right when more than half "
+            f"of its images are." if c.bootstrap else "No intervals: `compare.bootstrap` is 0.")
     if several_seeds:
         note += " `mean ± sd`: mean and sample standard deviation (ddof = 1) across seeds."
     return note
@@ -80,8 +91,7 @@ def table2_markdown(long: pd.DataFrame, params: Params, heading: str = "#") -> s
         archs = list(dict.fromkeys(block["architecture"]))
         seeds = _seeds(block)
         several |= len(seeds) > 1
-        n = int(block["n"].iloc[0])
-        lines += [f"{heading}# Trained on `{protocol}`, evaluated on `{eval_set}` (n = {n})", ""]
+        lines += [f"{heading}# Trained on `{protocol}`, evaluated on `{eval_set}` ({_n(block)})", ""]
         if len(seeds) > 1:
             lines.append("| Metric | Seed | " + " | ".join(archs) + " |")
             lines.append("| --- | --- |" + " --- |" * len(archs))
@@ -98,6 +108,8 @@ def table2_markdown(long: pd.DataFrame, params: Params, heading: str = "#") -> s
             for metric in SUMMARY_METRICS:
                 cells = [_cell(block, a, metric) for a in archs]
                 lines.append(f"| {LABELS[metric]} | " + " | ".join(cells) + " |")
+            lines.append("| Per-cell accuracy | " + " | ".join(_cell_accuracy(block, a) for a in archs)
+                         + " |")
             prefix = "| Weights | "
         sources = [weights_label(block[block["architecture"] == a]["weights_source"].iloc[0])
                    for a in archs]
@@ -124,8 +136,8 @@ def _pair_lines(pairs: pd.DataFrame, alpha: float) -> tuple[list[str], set[froze
             acc = {r.arch_a: r.accuracy_a, r.arch_b: r.accuracy_b}
             only = {r.arch_a: r.b, r.arch_b: r.c}
             lines.append(
-                f"- **{better}** > {worse}: accuracy {acc[better]:.3f} vs {acc[worse]:.3f}; "
-                f"{only[better]} images only {better} got right, {only[worse]} only {worse} "
+                f"- **{better}** > {worse}: per-cell accuracy {acc[better]:.3f} vs {acc[worse]:.3f}; "
+                f"{only[better]} cells only {better} got right, {only[worse]} only {worse} "
                 f"({r.method}), p = {fmt_p(r.p_value)}, Holm-adjusted p = {fmt_p(r.p_holm)}")
         else:
             lines.append(f"- **{better}** > {worse}: significant in {hits} of {len(seeds)} seeds "
@@ -160,7 +172,12 @@ def report_markdown(params: Params, long: pd.DataFrame, pairs: pd.DataFrame,
         f"seed(s) {', '.join(map(str, seeds))}.",
         f"- Ranking: by accuracy{' (mean over seeds)' if several else ''}, the quantity the "
         "McNemar test compares; ties broken by macro-F1.",
-        f"- Significance: pairwise McNemar tests on the same images, Holm-corrected over the "
+        "- Which set chose what: per-epoch validation, checkpoint choice, early stopping, the "
+        "Optuna objective and the champion (`promote`) use only the `validation` cells (TRAIN "
+        "cells in no training split). `paper_test`, `TEST` and `TEST_SIMPLE` are test sets: "
+        "reported, never used to choose.",
+        f"- Significance: pairwise McNemar tests on the same cells (per-cell outcomes), "
+        f"Holm-corrected over the "
         f"pairs of each evaluation set{' and seed' if several else ''}, at "
         f"α = 1 − compare.confidence = {alpha:.2f}.",
     ]
@@ -176,8 +193,7 @@ def report_markdown(params: Params, long: pd.DataFrame, pairs: pd.DataFrame,
         sig_lines, significant = _pair_lines(block_pairs, alpha)
         archs = list(r["architecture"])
         best = archs[0]
-        n = int(block["n"].iloc[0])
-        title = f"Trained on `{protocol}`, evaluated on `{eval_set}` (n = {n})"
+        title = f"Trained on `{protocol}`, evaluated on `{eval_set}` ({_n(block)})"
         best_cell = _cell(block, best, "accuracy")
         tied = _not_separable(best, archs, significant)
         n_pairs = block_pairs.groupby(["arch_a", "arch_b"]).ngroups
@@ -228,10 +244,12 @@ REFERENCE_SETS = {"paper_train": "the paper training split",
                   "all_TRAIN": "the whole Kaggle TRAIN folder"}
 
 
-def _count_sentence(eval_set: str, info: dict[str, object]) -> str:
+def _count_sentence(key: str, info: dict[str, object]) -> str:
     where = REFERENCE_SETS.get(str(info["compared_with"]), f"`{info['compared_with']}`")
-    return (f"{info['with_near_duplicate']} of {info['images']} `{eval_set}` images "
-            f"({float(info['fraction']):.1%}) have a near-duplicate in {where}")
+    share = int(info["with_sibling"]) / max(int(info["images"]), 1)
+    return (f"{info['with_sibling']} of {info['images']} `{key}` images ({share:.1%}; "
+            f"{info.get('cells_shared', '?')} of {info.get('cells', '?')} cells) have their cell in "
+            f"{where}")
 
 
 def _mean_gap(gap: pd.DataFrame) -> pd.DataFrame:
@@ -277,7 +295,7 @@ def _leakage_section(gap: pd.DataFrame, counts: dict[str, dict[str, object]],
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     lines.append("")
     if counts:
-        lines += ["Near-duplicates (split stage, `leakage.json`, on the full splits): "
+        lines += ["Leakage by cells (split stage, `leakage.json`): "
                   + "; ".join(_count_sentence(s, i) for s, i in counts.items()) + ".", ""]
     if "leakage_gap" in figures:
         lines += [f"![Leakage gap]({figures['leakage_gap']})", ""]
@@ -288,15 +306,16 @@ def _method(params: Params, several: bool) -> list[str]:
     c = params.compare
     return [
         "## Method", "",
-        f"- Intervals: percentile bootstrap, {c.bootstrap} resamples of the test images (with "
-        f"replacement, seed {c.seed}), {c.confidence:.0%} level; accuracy and macro "
-        "precision/recall/F1 recomputed with scikit-learn on every resample "
-        "(`wbc_transfer.stats.bootstrap_ci`). They reflect the finite test set, not training "
-        "variability.",
-        f"- McNemar: on the images both models classified, b = only the first right, c = only "
-        f"the second right; exact two-sided binomial test (scipy `binomtest`) when "
-        f"b + c < {stats.EXACT_BELOW}, else chi-square with continuity correction; p = 1 "
-        "when b + c = 0 (`wbc_transfer.stats.mcnemar`).",
+        f"- Intervals: percentile cluster bootstrap, {c.bootstrap} resamples of the cells "
+        f"(groups from the `groups` stage; each drawn cell brings all its images; seed {c.seed}), "
+        f"{c.confidence:.0%} level; accuracy and macro precision/recall/F1 recomputed with "
+        "scikit-learn (sample weights = draw counts) on every resample "
+        "(`wbc_transfer.stats.bootstrap_ci`). They reflect the finite number of cells, not "
+        "training variability. The effective n is the number of cells.",
+        f"- McNemar: on the cells both models classified (a cell is right when more than half of "
+        f"its images are), b = only the first right, c = only the second right; statsmodels' "
+        f"exact binomial test when b + c < {stats.EXACT_BELOW}, else chi-square with continuity "
+        "correction; p = 1 when b + c = 0 (`wbc_transfer.stats.mcnemar`).",
         "- Holm correction over the pairs of architectures within one (protocol, evaluation "
         "set, seed) (`wbc_transfer.stats.holm`).",
         ("- Seeds: every seed is a separate training run; tables give mean ± sample sd across "

@@ -1,15 +1,21 @@
-"""Statistics for a comparison one can trust: bootstrap intervals, McNemar tests, Holm correction.
+"""Statistics for a comparison one can trust: cluster-bootstrap intervals, paired tests on cells,
+Holm correction.
 
-- `bootstrap_ci`: percentile bootstrap over the test images (resampled with replacement, seeded).
-  Every resample is scored with scikit-learn's `precision_recall_fscore_support`; all resamples
-  go through ONE call by giving resample b its own copy of the labels (class k of resample b
-  becomes label b*K + k), so per-label counts never mix resamples and the per-resample macro
-  average is the mean of its K labels: exactly sklearn's macro score, zero_division included,
-  at the cost of one vectorised call instead of one call per resample.
-- `mcnemar`: paired test of two classifiers on the same images (correct/incorrect). Exact
-  two-sided binomial test (scipy.stats.binomtest) when the discordant count b + c is below
-  `EXACT_BELOW` (25), chi-square with continuity correction otherwise.
-- `holm`: Holm-Bonferroni step-down adjusted p-values (family-wise error rate).
+Images of one cell (group) are augmented copies, not independent observations, so every
+interval resamples *groups* and every paired test pairs *cells*:
+
+- `bootstrap_distribution` / `bootstrap_ci`: percentile cluster bootstrap (Davison & Hinkley
+  1997, sec. 3.8; "resample clusters, keep their members"). Each resample draws the G groups
+  with replacement (multinomial counts); an image's weight is its group's count. Every
+  resample is scored with scikit-learn's `precision_recall_fscore_support(sample_weight=...)`;
+  all resamples go through ONE call by giving resample b its own copy of the labels (class k of
+  resample b becomes label b*K + k). Without groups each image is its own group (the ordinary
+  bootstrap). Three groups of 100 identical outcomes give exactly the interval of three images.
+- `cell_outcomes`: a cell is right when more than half of its images are.
+- `mcnemar`: McNemar's test of two classifiers on paired units (statsmodels
+  `contingency_tables.mcnemar`: exact binomial when b + c < `EXACT_BELOW`, else chi-square with
+  continuity correction); the comparison applies it to per-cell outcomes.
+- `holm`: Holm-Bonferroni adjusted p-values (statsmodels `multipletests(method="holm")`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest, chi2
+import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from wbc_transfer.config import Params
 
@@ -28,15 +36,28 @@ EXACT_BELOW = 25  # McNemar: exact binomial test when b + c < EXACT_BELOW
 _CHUNK_ITEMS = 2_000_000  # resampled items scored per sklearn call (bounds memory)
 
 
-def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n) indices drawn with replacement from range(n); same seed, same draws."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+def group_codes(groups: Sequence[str] | np.ndarray | None, n: int) -> np.ndarray:
+    """int64 code per item (0..G-1, in order of first appearance); each item its own group when
+    `groups` is None or empty."""
+    if groups is None or len(groups) == 0:
+        return np.arange(n, dtype=np.int64)
+    if len(groups) != n:
+        raise ValueError(f"groups must have one entry per item: {len(groups)} vs {n}")
+    return pd.factorize(np.asarray(groups, dtype=object))[0].astype(np.int64)
+
+
+def bootstrap_counts(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_groups) int64: how often each group is drawn in each resample of
+    n_groups draws with replacement; same seed, same draws."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)
 
 
 def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-                           n_classes: int, n_resamples: int = 1000,
-                           seed: int = 42) -> dict[str, np.ndarray]:
-    """metric -> its value on each of n_resamples bootstrap resamples of the images."""
+                           n_classes: int, n_resamples: int = 1000, seed: int = 42,
+                           groups: Sequence[str] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """metric -> its value on each of n_resamples cluster-bootstrap resamples (groups drawn
+    with replacement; images are the groups when `groups` is None)."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of one length: {y_true.shape}, "
@@ -44,18 +65,20 @@ def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     n = len(y_true)
     if n == 0 or n_resamples < 1:
         return {m: np.empty(0) for m in CI_METRICS}
-    index = bootstrap_indices(n, n_resamples, seed)
+    codes = group_codes(groups, n)
+    counts = bootstrap_counts(int(codes.max()) + 1, n_resamples, seed)
     out: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
     chunk = max(1, _CHUNK_ITEMS // n)
     for start in range(0, n_resamples, chunk):
-        rows = index[start:start + chunk]
-        b = len(rows)
+        weights = counts[start:start + chunk][:, codes].astype(np.float64)  # (b, n)
+        b = len(weights)
         offset = (np.arange(b, dtype=np.int64) * n_classes)[:, None]
         precision, recall, f1, _ = precision_recall_fscore_support(
-            (y_true[rows] + offset).ravel(), (y_pred[rows] + offset).ravel(),
+            (y_true[None, :] + offset).ravel(), (y_pred[None, :] + offset).ravel(),
             labels=np.arange(b * n_classes), average=None, zero_division=0,
+            sample_weight=weights.ravel(),
         )
-        out["accuracy"].append((y_true[rows] == y_pred[rows]).mean(axis=1))
+        out["accuracy"].append((weights * (y_true == y_pred)).sum(1) / weights.sum(1))
         out["precision_macro"].append(precision.reshape(b, n_classes).mean(axis=1))
         out["recall_macro"].append(recall.reshape(b, n_classes).mean(axis=1))
         out["f1_macro"].append(f1.reshape(b, n_classes).mean(axis=1))
@@ -75,34 +98,44 @@ def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[f
 
 def bootstrap_ci(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
                  n_classes: int, n_resamples: int = 1000, confidence: float = 0.95,
-                 seed: int = 42) -> dict[str, tuple[float, float]]:
-    """metric -> (low, high): percentile bootstrap interval over the images.
+                 seed: int = 42, groups: Sequence[str] | np.ndarray | None = None,
+                 ) -> dict[str, tuple[float, float]]:
+    """metric -> (low, high): percentile (cluster) bootstrap interval.
 
     Empty when n_resamples is 0 (bootstrap switched off); (nan, nan) for an empty set."""
     if n_resamples < 1:
         return {}
-    dist = bootstrap_distribution(y_true, y_pred, n_classes, n_resamples, seed)
+    dist = bootstrap_distribution(y_true, y_pred, n_classes, n_resamples, seed, groups)
     return {m: percentile_interval(v, confidence) for m, v in dist.items()}
 
 
 def bootstrap_settings(params: Params) -> dict[str, object]:
     """How the intervals are computed; stored beside them in every evaluate metrics.json."""
     c = params.compare
-    return {"method": "percentile", "resamples": int(c.bootstrap),
-            "confidence": float(c.confidence), "seed": int(c.seed), "unit": "test image"}
+    return {"method": "percentile cluster bootstrap", "resamples": int(c.bootstrap),
+            "confidence": float(c.confidence), "seed": int(c.seed),
+            "unit": "cell (group of augmented copies)"}
 
 
-def intervals(params: Params, y_true: np.ndarray, y_pred: np.ndarray,
-              n_classes: int) -> dict[str, list[float]]:
+def intervals(params: Params, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
+              groups: Sequence[str] | np.ndarray | None = None) -> dict[str, list[float]]:
     """metric -> [low, high] for one model on one evaluation set (params' bootstrap settings)."""
     c = params.compare
-    ci = bootstrap_ci(y_true, y_pred, n_classes, c.bootstrap, c.confidence, c.seed)
+    ci = bootstrap_ci(y_true, y_pred, n_classes, c.bootstrap, c.confidence, c.seed, groups)
     return {m: [round(low, 6), round(high, 6)] for m, (low, high) in ci.items()}
+
+
+def cell_outcomes(correct: Sequence[bool] | np.ndarray,
+                  groups: Sequence[str] | np.ndarray) -> pd.Series:
+    """group -> True when more than half of the group's images are right (bool, sorted by group)."""
+    frame = pd.DataFrame({"group": np.asarray(groups, dtype=object),
+                          "correct": np.asarray(correct, dtype=float)})
+    return frame.groupby("group", sort=True)["correct"].mean() > 0.5
 
 
 @dataclass(frozen=True)
 class McNemar:
-    n: int  # paired images
+    n: int  # paired units (cells, or images when there are no groups)
     b: int  # first classifier right, second wrong
     c: int  # first wrong, second right
     statistic: float  # chi-square statistic (nan for the exact test)
@@ -112,12 +145,12 @@ class McNemar:
 
 def mcnemar(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray,
             exact_below: int = EXACT_BELOW) -> McNemar:
-    """McNemar's test of two classifiers scored on the same images.
+    """McNemar's test of two classifiers scored on the same units.
 
-    correct_a[i], correct_b[i]: whether each classifier got image i right. Exact two-sided
-    binomial test (scipy.stats.binomtest, p = 0.5) when b + c < exact_below, else the
-    chi-square test with continuity correction, (|b - c| - 1)^2 / (b + c), 1 degree of freedom.
-    No discordant pair at all: p = 1."""
+    correct_a[i], correct_b[i]: whether each classifier got unit i right. statsmodels'
+    `mcnemar`: exact two-sided binomial test when b + c < exact_below, else chi-square with
+    continuity correction, (|b - c| - 1)^2 / (b + c), 1 degree of freedom. No discordant pair:
+    p = 1."""
     a, b_ = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b_.shape:
         raise ValueError(f"paired results must have one shape: {a.shape} vs {b_.shape}")
@@ -126,22 +159,19 @@ def mcnemar(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | 
     discordant = b + c
     if discordant == 0:
         return McNemar(len(a), b, c, float("nan"), 1.0, "none")
-    if discordant < exact_below:
-        p = binomtest(b, discordant, 0.5, alternative="two-sided").pvalue
-        return McNemar(len(a), b, c, float("nan"), float(min(1.0, p)), "exact")
-    statistic = (abs(b - c) - 1) ** 2 / discordant
-    return McNemar(len(a), b, c, float(statistic), float(chi2.sf(statistic, df=1)), "chi2-cc")
+    table = [[int(np.sum(a & b_)), b], [c, int(np.sum(~a & ~b_))]]
+    exact = discordant < exact_below
+    result = sm_mcnemar(table, exact=exact, correction=True)
+    return McNemar(len(a), b, c, float("nan") if exact else float(result.statistic),
+                   float(min(1.0, result.pvalue)), "exact" if exact else "chi2-cc")
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values, in the input order (NaNs stay NaN, not counted)."""
+    """Holm-Bonferroni step-down adjusted p-values (statsmodels); NaN entries stay NaN and do
+    not count towards the family size."""
     p = np.asarray(p_values, dtype=float)
-    adjusted = np.full_like(p, np.nan)
-    valid = np.flatnonzero(~np.isnan(p))
-    m = len(valid)
-    if m == 0:
-        return adjusted
-    order = valid[np.argsort(p[valid], kind="stable")]
-    steps = (m - np.arange(m)) * p[order]
-    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(steps))
+    adjusted = np.full(p.shape, np.nan)
+    valid = ~np.isnan(p)
+    if valid.any():
+        adjusted[valid] = multipletests(p[valid], method="holm")[1]
     return adjusted

@@ -2,9 +2,11 @@
 
 The paper fixed both (lr 1e-4, head factor 10) and named tuning them as future work. Here:
 
-- **Objective**: macro-F1 on a stratified, seeded validation share (`tune.val_fraction`) carved
-  from the protocol's *training* split. The test splits are never seen during the search.
-  Every trial trains with the same seed, so trials differ only by their hyperparameters.
+- **Objective**: the best per-epoch macro-F1 on the protocol's validation cells (the leak-free
+  validation groups every protocol shares; no cell of them is in any training split), i.e. the
+  score of the checkpoint `train.keep: best` would keep. The test splits are never seen during
+  the search. Every trial trains with the same seed and the training recipe of
+  `train.recipe`, so trials differ only by their hyperparameters.
 - **Baseline**: the untuned settings (`tune.baseline`, the paper's) are enqueued as trial 0
   and never pruned, so the best trial is compared with them under the same procedure.
 - **Pruning**: `trial.report(val_f1, epoch)` + `trial.should_prune()` after every epoch.
@@ -30,7 +32,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +45,15 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
-from sklearn.model_selection import train_test_split
 from torch import nn
 
-from wbc_transfer import models, tracking
+from wbc_transfer import models, recipe, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, TrainAugment
+from wbc_transfer.data import ImageSet
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
     evaluate,
-    make_optimizer,
     pick_device,
     place_model,
     seed_everything,
@@ -145,29 +145,15 @@ def make_sampler(params: Params, worker: bool, done: int = 0) -> optuna.samplers
 
 # --- data -----------------------------------------------------------------------------------
 
-def take(data: ImageSet, idx: np.ndarray) -> ImageSet:
-    index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-    return ImageSet(images=data.images[index], labels=data.labels[index],
-                    paths=[data.paths[i] for i in idx], splits=[data.splits[i] for i in idx],
-                    classes=data.classes)
-
-
-def split_train(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(fit, validation): a stratified, seeded split of the training images."""
-    fit_idx, val_idx = train_test_split(np.arange(len(data)), test_size=fraction,
-                                        stratify=data.labels.numpy(), random_state=seed)
-    return take(data, np.sort(fit_idx)), take(data, np.sort(val_idx))
-
-
 @dataclass
 class Context:
     """What every trial of one architecture's study shares."""
 
     params: Params
     arch: str
-    train_set: ImageSet  # the protocol's whole training split (final retrains)
-    fit_set: ImageSet  # training part of it during the search
-    val_set: ImageSet  # validation part: the objective
+    train_set: ImageSet  # the protocol's training split (trials and final retrains)
+    fit_set: ImageSet  # what trials train on: the whole training split
+    val_set: ImageSet  # the leak-free validation cells: the objective
     device: torch.device
     study_name: str
 
@@ -178,9 +164,10 @@ def load_context(params: Params, arch: str) -> Context:
     if arch not in models.REGISTRY:
         raise KeyError(f"tune: unknown architecture {arch!r}; known: {sorted(models.REGISTRY)}")
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{t.protocol}.pt")
-    train_set = data.subset("train")
-    fit_set, val_set = split_train(train_set, float(t.val_fraction), t.seed)
-    return Context(params, arch, train_set, fit_set, val_set, pick_device(params.train.device),
+    train_set, val_set = data.subset("train"), data.subset("val")
+    if len(val_set) == 0:
+        raise ValueError(f"tune: the {t.protocol} manifest has no validation cells")
+    return Context(params, arch, train_set, train_set, val_set, pick_device(params.train.device),
                    study_name(params, arch, train_set))
 
 
@@ -188,9 +175,11 @@ def study_name(params: Params, arch: str, train_set: ImageSet) -> str:
     """`<arch>-<protocol>-<fingerprint>`: same configuration -> same (resumable) study."""
     t, tr = params.tune, params.train
     config = {
-        "arch": arch, "protocol": t.protocol, "epochs": t.epochs, "val_fraction": t.val_fraction,
+        "arch": arch, "protocol": t.protocol, "epochs": t.epochs,
         "seed": t.seed, "space": asdict(t.space), "baseline": asdict(t.baseline),
-        "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum",
+        "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum", "recipe",
+                                              "weight_decay", "warmup_epochs", "label_smoothing",
+                                              "rotation_deg", "colour_jitter",
                                               "translate_px", "reference_size")},
         "image_size": train_set.size, "images": train_set.paths,
         # trials of other training code are not comparable: a code change starts a new study
@@ -203,7 +192,7 @@ def training_code_digest() -> str:
     """sha256 over the modules that decide what a trial trains (the tune stage's DVC deps)."""
     digest = hashlib.sha256()
     package = Path(__file__).parent
-    for name in ("data.py", "engine.py", "models.py", "tuning.py"):
+    for name in ("data.py", "engine.py", "models.py", "recipe.py", "tuning.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -216,23 +205,27 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
         ) -> tuple[nn.Module, models.Built, list[dict[str, float]]]:
     """Fine-tune `ctx.arch` for `tune.epochs` epochs with the train stage's engine and seeding;
     scores `eval_set` after each epoch and hands each epoch's row to `on_epoch`."""
-    t, seed = ctx.params.train, ctx.params.tune.seed
+    t = replace(ctx.params.train, epochs=ctx.params.tune.epochs)
+    seed = ctx.params.tune.seed
     seed_everything(seed)
     built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
     model = place_model(built.model, ctx.device, t.channels_last)
     amp = amp_dtype(ctx.device, t.amp)
-    optimizer = make_optimizer(model, built.head, lr, head_lr_factor, t.momentum)
-    augment = TrainAugment(t.translate_px, t.reference_size)
+    optimizer = recipe.make_optimizer(t, model, built.head, lr, head_lr_factor)
+    scheduler = recipe.make_scheduler(t, optimizer, -(-len(train_set) // t.batch_size))
+    augment = recipe.make_augment(t, train_set.size)
+    loss_fn = recipe.make_loss(t)
     history: list[dict[str, float]] = []
-    for epoch in range(1, ctx.params.tune.epochs + 1):
+    for epoch in range(1, t.epochs + 1):
         torch.manual_seed(seed * 1000 + epoch)
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         stats = train_one_epoch(model, train_set, optimizer, augment, built.mean, built.std,
-                                ctx.device, t.batch_size, generator, amp=amp)
+                                ctx.device, t.batch_size, generator, amp=amp, loss_fn=loss_fn,
+                                scheduler=scheduler)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy}
         if eval_set is not None:
             r = evaluate(model, eval_set, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size, amp)
+                         ctx.params.evaluate.batch_size, amp, tta=ctx.params.evaluate.tta)
             row.update(val_loss=r.loss, val_accuracy=r.accuracy, val_f1_macro=r.f1_macro)
         history.append(row)
         if on_epoch is not None:
@@ -293,7 +286,7 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
         state = "failed"
         try:
             _, _, history = fit(ctx, ctx.fit_set, lr, factor, ctx.val_set, on_epoch)
-            value = float(history[-1][OBJECTIVE])
+            value = max(float(row[OBJECTIVE]) for row in history)  # the kept (best) epoch
             client.log_metric(run_id, "objective", value)
             state = "complete"
             return value
@@ -338,7 +331,7 @@ def _parent_run(ctx: Context, session: Session, url: str) -> str:
     run_id = run.info.run_id
     session.client.log_batch(run_id, params=_params({
         "architecture": ctx.arch, "protocol": t.protocol, "epochs": t.epochs,
-        "val_fraction": t.val_fraction, "seed": t.seed, "space": asdict(t.space),
+        "seed": t.seed, "space": asdict(t.space),
         "pruner": asdict(t.pruner), "baseline": asdict(t.baseline),
         "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
         "train_images": len(ctx.train_set), "image_size": ctx.train_set.size,
@@ -490,7 +483,8 @@ def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float]
         scores: dict[str, dict[str, float]] = {}
         for name, data in test_sets.items():
             r = evaluate(model, data, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size, amp_dtype(ctx.device, ctx.params.train.amp))
+                         ctx.params.evaluate.batch_size, amp_dtype(ctx.device, ctx.params.train.amp),
+                         tta=ctx.params.evaluate.tta)
             full = classification_metrics(r.labels, r.predictions, data.classes)
             scores[name] = {"n": int(full["n"]), **{m: float(full[m]) for m in SUMMARY_METRICS}}
             client.log_batch(run_id, metrics=[

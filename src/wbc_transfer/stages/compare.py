@@ -99,8 +99,9 @@ def main(params: Params) -> pd.DataFrame:
             .reset_index()
         if several:  # intervals belong to one run; averaged ones would mean nothing
             mean = mean.drop(columns=[c for c in mean.columns if "_ci_" in c])
-        dup = "; ".join(f"{s}: {i['with_near_duplicate']}/{i['images']} near-duplicates"
-                        for s, i in counts.items())
+        info = counts.get("paper/paper_test")
+        dup = (f"{info['with_sibling']}/{info['images']} paper_test images have their cell in "
+               f"training" if info else "")
         leakage_dumbbell(mean, {"accuracy": "accuracy", "f1_macro": "macro-F1"},
                          f"paper_test (leaky) vs TEST (leak-free){' — ' + dup if dup else ''}"
                          f"{' — mean over seeds' if several else ''}", figures_dir / "leakage_gap.png")

@@ -8,10 +8,9 @@ import pandas as pd
 
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
+from wbc_transfer.splits import PROTOCOLS
 
 log = logging.getLogger(__name__)
-
-PROTOCOLS = ("paper", "heldout")
 
 
 def main(params: Params) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -23,19 +24,22 @@ from wbc_transfer.stages.train import model_name
 log = logging.getLogger(__name__)
 
 
-def rank(long: pd.DataFrame, protocol: str, eval_set: str, metric: str) -> pd.DataFrame:
-    """Candidate runs, best first (ties broken by TEST score, then name, for determinism)."""
-    scores = long[(long["protocol"] == protocol) & (long["metric"] == metric)]
+def rank(long: pd.DataFrame, protocols: Sequence[str], eval_set: str, metric: str) -> pd.DataFrame:
+    """Candidate runs of `protocols`, best first by `metric` on `eval_set` (the leak-free
+    validation cells every protocol shares); ties broken by per-cell validation accuracy, then
+    name and seed. No test set is looked at. Each row also carries the run's TEST score
+    (`test_value`), for the report only."""
+    scores = long[long["protocol"].isin(protocols) & (long["metric"] == metric)]
     primary = scores[scores["eval_set"] == eval_set]
     if primary.empty:
         raise ValueError(
-            f"no results for promote.protocol={protocol!r}, promote.eval_set={eval_set!r}; "
+            f"no results for promote.protocols={list(protocols)}, promote.eval_set={eval_set!r}; "
             f"available: {sorted(set(zip(long['protocol'], long['eval_set'], strict=True)))}"
         )
-    tiebreak = scores[scores["eval_set"] == "TEST"].set_index("run_id")["value"]
-    ranked = primary.assign(tiebreak=primary["run_id"].map(tiebreak).fillna(0.0))
-    return ranked.sort_values(["value", "tiebreak", "architecture", "seed"],
-                              ascending=[False, False, True, True]).reset_index(drop=True)
+    test = scores[scores["eval_set"] == "TEST"].set_index("run_id")["value"]
+    ranked = primary.assign(test_value=primary["run_id"].map(test))
+    return ranked.sort_values(["value", "cell_accuracy", "architecture", "protocol", "seed"],
+                              ascending=[False, False, True, True, True]).reset_index(drop=True)
 
 
 def current_champion(client: MlflowClient, name: str, alias: str):
@@ -47,15 +51,18 @@ def current_champion(client: MlflowClient, name: str, alias: str):
 
 def main(params: Params) -> dict[str, object]:
     p = params.promote
-    ranked = rank(collect(params), p.protocol, p.eval_set, p.metric)
+    ranked = rank(collect(params), [x for x in p.protocols if x in params.train.protocols],
+                  p.eval_set, p.metric)
     best = ranked.iloc[0]
     runner = ranked.iloc[1] if len(ranked) > 1 else None
     tracking.setup(params)
     client = MlflowClient()
     champion = current_champion(client, p.model_name, p.alias)
     reason = {
-        "metric": p.metric, "eval_set": p.eval_set, "protocol": p.protocol,
+        "metric": p.metric, "eval_set": p.eval_set, "protocol": best["protocol"],
+        "chosen_by": f"{p.metric} on the leak-free validation cells (no test set looked at)",
         "value": f"{best['value']:.4f}", "architecture": best["architecture"],
+        "TEST_value": f"{best['test_value']:.4f}" if pd.notna(best["test_value"]) else "",
         "weights_source": best["weights_source"],
         "runner_up": (f"{runner['architecture']}-{runner['protocol']}-{runner['seed']}"
                       if runner is not None else "none"),
@@ -89,7 +96,7 @@ def main(params: Params) -> dict[str, object]:
                  version.version, best["run_id"], p.eval_set, p.metric, best["value"])
     result = {"model_name": p.model_name, "alias": p.alias, "version": str(version.version),
               "run_id": best["run_id"], **reason,
-              "ranking": ranked[["architecture", "protocol", "seed", "value", "weights_source"]]
-              .to_dict(orient="records")}
+              "ranking": ranked[["architecture", "protocol", "seed", "value", "test_value",
+                                 "weights_source"]].to_dict(orient="records")}
     write_json(params.resolve(p.out), result)
     return result

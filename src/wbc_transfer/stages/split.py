@@ -1,101 +1,113 @@
-"""DVC stage `split`: paper/heldout manifests and the near-duplicate leakage note."""
+"""DVC stage `split`: group-aware manifests for every protocol, and the leakage they carry.
+
+Leakage is counted exactly, by groups (cells, from the `groups` stage): a test or validation
+image leaks when its cell is also in the training split.
+"""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
 
 from wbc_transfer.config import Params
 from wbc_transfer.io import write_csv, write_json, write_text
-from wbc_transfer.leakage import fingerprints, nearest_similarity
-from wbc_transfer.splits import counts, heldout_split, paper_split
+from wbc_transfer.splits import (
+    PROTOCOLS,
+    SplitError,
+    counts,
+    group_counts,
+    heldout_split,
+    paper_split,
+    shared_groups,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _leaking(manifest: pd.DataFrame, sims: dict[str, float], query: str, reference: str,
-             threshold: float) -> dict[str, object]:
-    """Count `query` images whose nearest `reference` image is a near-duplicate."""
-    q = manifest[manifest["split"] == query]["path"].tolist()
-    r = manifest[manifest["split"] == reference]["path"].tolist()
-    return _count(q, r, sims, threshold)
+def indexed_with_groups(params: Params) -> pd.DataFrame:
+    """data/index.csv joined with the groups manifest (one group per indexed image)."""
+    index = pd.read_csv(params.resolve(params.validate.index))
+    groups = pd.read_csv(params.resolve(params.groups.manifest))[["path", "group"]]
+    merged = index.merge(groups, on="path", how="left")
+    missing = merged[merged["group"].isna() & merged["label"].isin(params.data.classes)]
+    if not missing.empty:
+        raise SplitError(f"{len(missing)} indexed images have no group (e.g. "
+                         f"{missing['path'].iloc[0]}): rerun the `groups` stage")
+    return merged
 
 
-def _count(queries: list[str], references: list[str], fps: dict[str, np.ndarray],
-           threshold: float) -> dict[str, object]:
-    if not queries:
-        return {"images": 0, "with_near_duplicate": 0, "fraction": 0.0, "max_similarity": None}
-    nearest = nearest_similarity(
-        np.stack([fps[p] for p in queries]), np.stack([fps[p] for p in references])
-    )
-    hits = int((nearest >= threshold).sum())
+def manifests(params: Params, index: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """protocol -> manifest (path, label, group, split)."""
+    sp, classes = params.split, params.data.classes
+    paper = {"per_class": sp.paper.per_class, "test_fraction": sp.paper.test_fraction,
+             "val_fraction": sp.val_fraction, "val_per_class": sp.val_per_class, "seed": sp.seed}
     return {
-        "images": len(queries),
-        "with_near_duplicate": hits,
-        "fraction": round(hits / len(queries), 4),
-        "max_similarity": round(float(nearest.max()), 4),
-        "median_similarity": round(float(np.median(nearest)), 4),
+        "paper": paper_split(index, classes, **paper, grouped=False),
+        "paper_grouped": paper_split(index, classes, **paper, grouped=True),
+        "heldout": heldout_split(index, classes, sp.heldout.train_per_class, sp.val_fraction,
+                                 sp.val_per_class, sp.seed),
     }
 
 
 def main(params: Params) -> dict[str, object]:
-    sp = params.split
-    index = pd.read_csv(params.resolve(params.validate.index))
-    classes = params.data.classes
-    paper = paper_split(index, classes, sp.paper.per_class, sp.paper.test_fraction,
-                        sp.paper.val_per_class, sp.seed)
-    heldout = heldout_split(index, classes, sp.heldout.train_per_class,
-                            sp.heldout.val_per_class, sp.seed)
-    out = params.resolve(sp.out_dir)
-    write_csv(out / "paper.csv", paper)
-    write_csv(out / "heldout.csv", heldout)
-
-    # Fingerprint every image the protocols use, plus all of TRAIN for the TEST->TRAIN check.
-    all_train = index[index["folder"] == "TRAIN"]["path"].tolist()
-    needed = sorted(set(paper["path"]) | set(heldout["path"]) | set(all_train))
-    log.info("fingerprinting %d images for the leakage check", len(needed))
-    matrix = fingerprints([params.images_dir / p for p in needed])
-    fps = dict(zip(needed, matrix, strict=True))
-    threshold = sp.leakage.threshold
-    test_folder = index[index["folder"] == "TEST"]["path"].tolist()
-    report = {
-        "threshold": threshold,
-        "measure": "cosine of sqrt-normalised 24^3 RGB histograms of the inner crop",
-        "paper_test_vs_paper_train": _leaking(paper, fps, "test", "train", threshold),
-        "heldout_test_vs_heldout_train": _leaking(heldout, fps, "test", "train", threshold),
-        "heldout_val_vs_heldout_train": _leaking(heldout, fps, "val", "train", threshold),
-        "TEST_vs_all_TRAIN": _count(test_folder, all_train, fps, threshold),
-        "counts": {"paper": counts(paper), "heldout": counts(heldout)},
+    index = indexed_with_groups(params)
+    made = manifests(params, index)
+    out = params.resolve(params.split.out_dir)
+    for protocol in PROTOCOLS:
+        write_csv(out / f"{protocol}.csv", made[protocol])
+    train_groups = set(index.loc[index["folder"] == "TRAIN", "group"])
+    test = index[index["folder"] == "TEST"]
+    report: dict[str, object] = {
+        "measure": "images whose cell (group, from the groups stage) is also in the training split",
+        "paper_test_vs_paper_train": shared_groups(made["paper"], "test", "train"),
+        "paper_grouped_test_vs_paper_grouped_train": shared_groups(made["paper_grouped"], "test",
+                                                                   "train"),
+        "heldout_test_vs_heldout_train": shared_groups(made["heldout"], "test", "train"),
+        "heldout_val_vs_heldout_train": shared_groups(made["heldout"], "val", "train"),
+        "paper_val_vs_paper_train": shared_groups(made["paper"], "val", "train"),
+        "TEST_vs_all_TRAIN": {"images": int(len(test)), "cells": int(test["group"].nunique()),
+                              "with_sibling": int(test["group"].isin(train_groups).sum())},
+        "counts": {p: counts(m) for p, m in made.items()},
+        "cells": {p: group_counts(m) for p, m in made.items()},
     }
     report_dir = params.resolve(params.validate.report_dir)
     write_json(report_dir / "leakage.json", report)
     write_text(report_dir / "leakage.md", leakage_note(report))
-    log.info("leakage: paper %s, heldout %s", report["paper_test_vs_paper_train"],
-             report["heldout_test_vs_heldout_train"])
+    log.info("leakage by cells: paper %s, paper_grouped %s",
+             report["paper_test_vs_paper_train"], report["paper_grouped_test_vs_paper_grouped_train"])
     return report
 
 
 def leakage_note(report: dict) -> str:
+    """The leakage report in Markdown."""
     def line(name: str, key: str) -> str:
         r = report[key]
-        return (f"| {name} | {r['images']} | {r['with_near_duplicate']} | "
-                f"{100 * r['fraction']:.1f}% | {r['max_similarity']} |")
+        return (f"| {name} | {r['images']} | {r['cells']} | {r['with_sibling']} | "
+                f"{100 * r['with_sibling'] / max(r['images'], 1):.1f}% |")
 
-    return "\n".join([
-        "# Near-duplicate leakage between splits",
-        "",
-        f"Measure: {report['measure']}; near-duplicate when similarity >= {report['threshold']}.",
-        "",
-        "| query -> reference | images | with a near-duplicate | share | max similarity |",
-        "| --- | --- | --- | --- | --- |",
-        line("paper test -> paper train", "paper_test_vs_paper_train"),
+    cells = report["cells"]
+    lines = [
+        "# Leakage between splits, counted by cells", "",
+        f"Measure: {report['measure']}.", "",
+        "| query -> training split | images | cells | images with their cell in training | share |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        line("paper test -> paper train (the study's random split)", "paper_test_vs_paper_train"),
+        line("paper_grouped test -> paper_grouped train", "paper_grouped_test_vs_paper_grouped_train"),
+        line("validation -> paper train", "paper_val_vs_paper_train"),
+        line("validation -> heldout train", "heldout_val_vs_heldout_train"),
         line("heldout test (TEST) -> heldout train", "heldout_test_vs_heldout_train"),
-        line("heldout val -> heldout train", "heldout_val_vs_heldout_train"),
         line("TEST -> all of TRAIN", "TEST_vs_all_TRAIN"),
-        "",
-        "The paper protocol samples train and test from TRAIN, whose images are augmented",
-        "siblings of the same smears: its test score is optimistic. TEST is leak-free.",
-        "",
-    ])
+        "", "Cells per split and class:", "",
+        "| protocol | split | " + " | ".join(sorted(next(iter(cells["heldout"].values())))) + " |",
+        "| --- | --- |" + " ---: |" * len(next(iter(cells["heldout"].values()))),
+    ]
+    for protocol, table in cells.items():
+        for split, per_class in table.items():
+            lines.append(f"| {protocol} | {split} | "
+                         + " | ".join(str(per_class.get(c, 0)) for c in sorted(per_class)) + " |")
+    lines += ["", "The `paper` protocol reproduces the study's random split of images: copies of "
+              "one cell land in train and test, so its test score is optimistic. `paper_grouped` "
+              "and `heldout` keep every cell on one side; the validation cells are shared by all "
+              "protocols and are in no training split.", ""]
+    return "\n".join(lines)

@@ -12,15 +12,14 @@ import torch
 from mlflow.models import infer_signature
 from tqdm import tqdm
 
-from wbc_transfer import models, tracking
+from wbc_transfer import models, recipe, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, TrainAugment, normalise
+from wbc_transfer.data import ImageSet, normalise
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
     configure_torch,
     evaluate,
-    make_optimizer,
     pick_device,
     place_model,
     seed_everything,
@@ -44,10 +43,9 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{protocol}.pt")
     train_set = data.subset("train")
     val_set = data.subset("val")
-    val_split = "val"
-    if len(val_set) == 0:  # the study validated on its test split; say so where it shows
-        val_set, val_split = data.subset("test"), "test"
-        log.warning("%s: no validation split; validating on the test split", name)
+    if len(val_set) == 0:
+        raise ValueError(f"{name}: the {protocol} manifest has no validation cells; "
+                         "check split.val_fraction / split.val_per_class")
 
     threads = configure_torch(t.num_threads)
     device = pick_device(t.device)
@@ -55,8 +53,12 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     seed_everything(seed)
     built = models.build(arch, len(data.classes), t.weights, data.size)
     model = place_model(built.model, device, t.channels_last)
-    optimizer = make_optimizer(model, built.head, t.lr, t.head_lr_factor, t.momentum)
-    augment = TrainAugment(t.translate_px, t.reference_size)
+    iterations_per_epoch = -(-len(train_set) // t.batch_size)
+    optimizer = recipe.make_optimizer(t, model, built.head)
+    scheduler = recipe.make_scheduler(t, optimizer, iterations_per_epoch)
+    augment = recipe.make_augment(t, data.size)
+    loss_fn = recipe.make_loss(t)
+    tta = params.evaluate.tta
 
     resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
                 "image_size": data.size, "weights_source": built.weights_source}
@@ -64,35 +66,43 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         resolved.pop(key)
     checkpoint = Checkpoint(
         params.resolve(t.checkpoint_dir) / name / "last.pt",
-        Checkpoint.fingerprint_of({**resolved, "data": data.paths, "device": device.type}),
+        Checkpoint.fingerprint_of({**resolved, "data": data.paths, "device": device.type,
+                                   "tta": tta}),
     )
     state = checkpoint.load()
     start_epoch, history, run_id = 0, [], None
+    best: dict[str, object] = {"epoch": 0, "val_f1_macro": -1.0, "model": None}
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
+        best = state.get("best", best)
         log.info("%s: resuming after epoch %d (MLflow run %s)", name, start_epoch, run_id)
 
     tags = {"architecture": arch, "protocol": protocol, "seed": str(seed),
             "weights_source": built.weights_source,
             "pretrained": str(models.is_pretrained(built.weights_source)).lower(),
-            "dvc_stage": f"train@{name}"}
+            "recipe": t.recipe, "dvc_stage": f"train@{name}"}
     with tracking.run(params, run_id=run_id, run_name=name, tags=tags) as active:
         run_id = active.info.run_id
         if not state:
             mlflow.log_params(tracking.flat_params("", {
                 **resolved, "lr_head": t.lr * t.head_lr_factor, "device": device.type,
-                "validation_split": val_split, "train_images": len(train_set),
-                "validation_images": len(val_set), "git_commit": tracking.git_commit(params.root),
+                "validation_split": "val (leak-free validation cells)",
+                "train_images": len(train_set), "train_cells": len(set(train_set.groups)),
+                "validation_images": len(val_set), "validation_cells": len(set(val_set.groups)),
+                "selection": f"{t.keep} epoch by validation macro-F1"
+                             + (f", early stopping patience {t.patience}" if t.patience else ""),
+                "git_commit": tracking.git_commit(params.root),
                 "data_md5": tracking.data_md5(params.root), "split_seed": params.split.seed,
                 **threads,
             }))
-        iterations_per_epoch = -(-len(train_set) // t.batch_size)
 
         def validate_now(iteration: int) -> None:
             r = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
-                         amp)
+                         amp, tta=tta)
             mlflow.log_metrics({"val_iter_loss": r.loss, "val_iter_accuracy": r.accuracy},
                                step=iteration)
 
@@ -100,6 +110,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                         initial=start_epoch * iterations_per_epoch, unit="batch",
                         desc=name, mininterval=1)
         for epoch in range(start_epoch, t.epochs):
+            if t.patience and epoch - int(best["epoch"]) >= t.patience:
+                progress.write(f"{name}: early stop after epoch {epoch}: no better validation "
+                               f"macro-F1 since epoch {best['epoch']}")
+                break
             # Reseeding per epoch makes a resumed run draw the same batches and augmentations.
             torch.manual_seed(seed * 1000 + epoch)
             generator = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -108,21 +122,35 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 model, train_set, optimizer, augment, built.mean, built.std, device,
                 t.batch_size, generator, progress, every=t.validate_every,
                 on_every=validate_now, start_iteration=epoch * iterations_per_epoch, amp=amp,
+                loss_fn=loss_fn, scheduler=scheduler,
             )
-            val = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
-                         amp)
+            val = evaluate(model, val_set, built.mean, built.std, device,
+                           params.evaluate.batch_size, amp, tta=tta)
             row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "val_f1_macro": val.f1_macro,
+                   "lr": optimizer.param_groups[0]["lr"],
                    "train_images_per_s": stats.images / stats.seconds}
             history.append(row)
+            if val.f1_macro > float(best["val_f1_macro"]):
+                best = {"epoch": epoch + 1, "val_f1_macro": val.f1_macro,
+                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             checkpoint.save(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            epoch=epoch + 1, history=history, run_id=run_id)
+                            scheduler=scheduler.state_dict() if scheduler is not None else None,
+                            epoch=epoch + 1, history=history, run_id=run_id, best=best)
             progress.write(f"{name} epoch {epoch + 1}: train loss {stats.loss:.3f} "
                            f"acc {stats.accuracy:.3f} | val loss {val.loss:.3f} "
                            f"acc {val.accuracy:.3f} F1 {val.f1_macro:.3f}")
         progress.close()
 
+        kept_epoch = len(history)
+        if t.keep == "best" and best["model"] is not None:
+            model.load_state_dict(best["model"])
+            kept_epoch = int(best["epoch"])
+        kept = history[kept_epoch - 1]
+        mlflow.log_metrics({"selected_epoch": kept_epoch, "selected_val_f1_macro": kept["val_f1_macro"],
+                            "selected_val_accuracy": kept["val_accuracy"],
+                            "epochs_run": len(history)})
         frame = pd.DataFrame(history)
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).eval()
         atomic_write(out / "model.pt", lambda tmp: torch.save(model_cpu.state_dict(), tmp))
@@ -130,9 +158,14 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         info = {"run_id": run_id, "architecture": arch, "protocol": protocol, "seed": seed,
                 "weights_source": built.weights_source, "image_size": data.size,
                 "mean": list(built.mean), "std": list(built.std), "classes": data.classes,
-                "validation_split": val_split}
+                "validation_split": "val", "recipe": t.recipe, "tta": tta,
+                "selected_epoch": kept_epoch}
         write_json(out / "run.json", info)
-        write_json(out / "metrics.json", {**history[-1], "weights_source": built.weights_source})
+        write_json(out / "metrics.json", {
+            **kept, "selected_epoch": kept_epoch, "epochs_run": len(history),
+            "selected_by": "validation macro-F1 (leak-free validation cells)" if t.keep == "best"
+                           else "last epoch",
+            "weights_source": built.weights_source})
         curves = training_curves(frame, f"{name} ({built.weights_source})", out / "curves.png")
         mlflow.log_artifact(str(curves))
         mlflow.log_artifact(str(out / "history.csv"))

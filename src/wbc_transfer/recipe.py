@@ -1,0 +1,94 @@
+"""Training recipes: the optimiser, learning-rate schedule, loss and augmentation of a run.
+
+- ``paper``: the study's MATLAB settings: SGD with momentum, a constant learning rate (the new
+  head `head_lr_factor` times faster), cross-entropy, random horizontal reflection and
+  +-30 px translation (at 224 px).
+- ``modern``: AdamW (decoupled weight decay; Loshchilov & Hutter, ICLR 2019), linear warm-up
+  then cosine decay per iteration (torch `LinearLR` + `CosineAnnealingLR` in `SequentialLR`),
+  label smoothing (Szegedy et al., CVPR 2016; torch's `cross_entropy(label_smoothing=...)`),
+  and stronger per-image augmentation on the batch with kornia: horizontal and vertical flips,
+  rotation, translation, colour jitter.
+
+Both recipes validate on the leak-free validation cells every epoch; `train.keep: best` keeps
+the weights of the best validation epoch and `train.patience` stops early (engine/train stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wbc_transfer.config import TrainParams
+from wbc_transfer.data import TrainAugment
+from wbc_transfer.engine import parameter_groups
+
+RECIPES = ("paper", "modern")
+
+
+def make_optimizer(t: TrainParams, model: nn.Module, head: nn.Module, lr: float | None = None,
+                   head_lr_factor: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (paper) or AdamW (modern); `lr`/`head_lr_factor` override `t`'s
+    (tuning). `fused`: torch's fused kernel (benchmark only)."""
+    lr = t.lr if lr is None else lr
+    groups = parameter_groups(model, head, lr, t.head_lr_factor if head_lr_factor is None
+                              else head_lr_factor)
+    extra = {"fused": True} if fused else {}
+    if t.recipe == "modern":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay, **extra)
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, **extra)
+
+
+def make_scheduler(t: TrainParams, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-iteration schedule: none (paper) or linear warm-up over `warmup_epochs` then cosine
+    decay to 0 at the end of `epochs` (modern). Step it after every optimiser step."""
+    if t.recipe != "modern":
+        return None
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(t.warmup_epochs * steps_per_epoch))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup < 1:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def make_loss(t: TrainParams) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy; with label smoothing `t.label_smoothing` in the modern recipe."""
+    smoothing = t.label_smoothing if t.recipe == "modern" else 0.0
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
+
+
+class ModernAugment:
+    """Per-image random flips (h and v), rotation in [-rotation_deg, rotation_deg], translation
+    (train.translate_px at reference_size), and colour jitter, on a batch with kornia.
+
+    uint8 or float N x 3 x H x W in [0, 255] -> float32 in [0, 255] (what `normalise` expects).
+    Random parameters come from torch's global RNG (seeded per epoch by the train stage)."""
+
+    def __init__(self, t: TrainParams, size: int):
+        shift = min(0.45, t.translate_px / t.reference_size)
+        jitter = t.colour_jitter
+        self.pipeline = K.AugmentationSequential(
+            K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
+            K.RandomAffine(degrees=t.rotation_deg, translate=(shift, shift), p=1.0,
+                           padding_mode="reflection"),
+            K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 2,
+                          p=1.0 if jitter > 0 else 0.0),
+        )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.pipeline(batch.float().div(255.0))
+        return x.clamp_(0, 1).mul_(255.0)
+
+
+def make_augment(t: TrainParams, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training augmentation of the recipe (a callable on uint8 N x 3 x S x S batches)."""
+    if t.recipe == "modern":
+        return ModernAugment(t, size)
+    return TrainAugment(t.translate_px, t.reference_size)
