@@ -84,6 +84,7 @@ class TrainParams:
     protocols: tuple[str, ...] = ("paper",)
     seeds: tuple[int, ...] = (42,)
     weights: str = "auto"
+    weights_report: str = "results/weights.json"  # stage `weights`: what each architecture gets
     epochs: int = 30
     batch_size: int = 10
     lr: float = 1e-4

@@ -96,19 +96,23 @@ def _line(s: FileStatus) -> str:
 def report(statuses: Iterable[FileStatus]) -> tuple[str, bool]:
     """Text for the user (one line per file, then a verdict) and whether every file is fine."""
     statuses = list(statuses)
-    bad = [s for s in statuses if s.status in {MISMATCH, MISSING}]
+    missing = [s.architecture for s in statuses if s.status == MISSING]
+    mismatched = [s.architecture for s in statuses if s.status == MISMATCH]
+    bad = missing + mismatched
     lines = [f"cache folder: {models.torch_home()} (set TORCH_HOME to move it)",
              *(_line(s) for s in statuses)]
     if not bad:
         lines.append(f"all {len(statuses)} file(s) present and matching their published SHA-256 "
                      "prefix (or shipped in a package without one)")
     else:
-        names = ", ".join(s.architecture for s in bad)
-        lines.append(
-            f"{len(bad)} of {len(statuses)} file(s) missing or not matching the published "
-            f"SHA-256 prefix in their name ({names}): delete those files and run "
-            "`wbc-transfer fetch-weights` on a machine with internet, then copy the cache "
-            "folder here")
+        verdict = []
+        if mismatched:
+            verdict.append(f"{len(mismatched)} of {len(statuses)} file(s) do not match the SHA-256 "
+                           f"prefix published in their name ({', '.join(mismatched)}): delete them")
+        if missing:
+            verdict.append(f"{len(missing)} of {len(statuses)} missing ({', '.join(missing)})")
+        lines.append("; ".join(verdict) + ". Run `wbc-transfer fetch-weights` on a machine with "
+                     "internet and copy its cache folder here.")
     return "\n".join(lines), not bad
 
 
