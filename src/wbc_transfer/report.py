@@ -114,9 +114,10 @@ def table2_markdown(long: pd.DataFrame, params: Params, heading: str = "#") -> s
         sources = [weights_label(block[block["architecture"] == a]["weights_source"].iloc[0])
                    for a in archs]
         lines += [prefix + " | ".join(sources) + " |", ""]
-    lines += [intervals_note(params, several), "",
-              "Weights: **random-init** columns were NOT ImageNet-pretrained (weights unavailable "
-              "offline, `train.weights=auto`); compare them with care.", ""]
+    lines += [intervals_note(params, several), ""]
+    if not all(models.is_pretrained(s) for s in long["weights_source"]):
+        lines += ["Weights: **random-init** columns were NOT ImageNet-pretrained (weights "
+                  "unavailable offline, `train.weights=auto`); compare them with care.", ""]
     return "\n".join(lines)
 
 

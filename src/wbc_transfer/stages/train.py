@@ -62,7 +62,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
 
     resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
                 "image_size": data.size, "weights_source": built.weights_source}
-    for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir"):
+    for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir", "weights_report"):
         resolved.pop(key)
     checkpoint = Checkpoint(
         params.resolve(t.checkpoint_dir) / name / "last.pt",
