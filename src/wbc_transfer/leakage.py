@@ -20,14 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wbc_transfer.images import decode_file
+
 BINS = 24
 THUMBNAIL = (160, 120)
 BORDER = 10
 
 
 def fingerprint(file: str | Path) -> np.ndarray:
-    with Image.open(file) as img:
-        pixels = np.asarray(img.convert("RGB").resize(THUMBNAIL), dtype=np.int64)
+    """The fingerprint of one image file (decoded by `wbc_transfer.images`, as every stage)."""
+    rgb = Image.fromarray(decode_file(file).pixels.permute(1, 2, 0).numpy())
+    pixels = np.asarray(rgb.resize(THUMBNAIL), dtype=np.int64)
     pixels = pixels[BORDER:-BORDER, BORDER:-BORDER].reshape(-1, 3) * BINS // 256
     codes = (pixels[:, 0] * BINS + pixels[:, 1]) * BINS + pixels[:, 2]
     hist = np.bincount(codes, minlength=BINS**3).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from wbc_transfer.config import Params
-from wbc_transfer.io import write_csv, write_json, write_text
+from wbc_transfer.io import text_path, write_csv, write_json, write_text
 from wbc_transfer.leakage import fingerprints, nearest_similarity
 from wbc_transfer.splits import counts, heldout_split, paper_split
 
@@ -56,7 +56,7 @@ def main(params: Params) -> dict[str, object]:
     all_train = index[index["folder"] == "TRAIN"]["path"].tolist()
     needed = sorted(set(paper["path"]) | set(heldout["path"]) | set(all_train))
     log.info("fingerprinting %d images for the leakage check", len(needed))
-    matrix = fingerprints([params.images_dir / p for p in needed])
+    matrix = fingerprints([params.images_dir / text_path(p) for p in needed])
     fps = dict(zip(needed, matrix, strict=True))
     threshold = sp.leakage.threshold
     test_folder = index[index["folder"] == "TEST"]["path"].tolist()
