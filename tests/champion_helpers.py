@@ -133,3 +133,38 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png16_rgb(values: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one) of an H x W x 3 uint16 array."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    height, width, _ = values.shape
+    big_endian = values.astype(">u2")
+    raw = b"".join(b"\x00" + big_endian[y].tobytes() for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def sixteen_bit_of(rgb: np.ndarray) -> np.ndarray:
+    """uint16 values whose high byte is the 8-bit value and whose low byte is 200: read right
+    (scaled) they give the 8-bit image back; wrapped into 8 bits they are all 200."""
+    return rgb.astype(np.uint16) * 256 + 200
+
+
+def exif_jpeg(image: Image.Image, orientation: int) -> bytes:
+    """JPEG bytes of `image` (pixels as stored) with an EXIF Orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def stored_pixels(data: bytes) -> np.ndarray:
+    """H x W x 3 uint8 pixels of image bytes exactly as stored (no EXIF orientation applied)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert("RGB"))

@@ -14,7 +14,7 @@ from wbc_transfer.grouping import (
     describe,
     inliers,
     pair_scores,
-    read_bgr,
+    read_pixels,
     sibling_check,
 )
 from wbc_transfer.stages import groups as groups_stage
@@ -54,7 +54,7 @@ def _siblings(image: np.ndarray) -> list[np.ndarray]:
 def distinct_cells(mirror) -> list[np.ndarray]:
     """Three real images that are certainly different cells: different folders and classes."""
     picks = [("TRAIN", "EOSINOPHIL"), ("TRAIN", "LYMPHOCYTE"), ("TEST", "NEUTROPHIL")]
-    return [read_bgr(class_files(mirror, folder, cls)[7]) for folder, cls in picks]
+    return [read_pixels(class_files(mirror, folder, cls)[7]) for folder, cls in picks]
 
 
 def test_siblings_of_a_real_cell_land_in_one_group_and_different_cells_do_not(distinct_cells):

@@ -21,6 +21,7 @@ EXTRA_FILES = ["dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config
 # dvc.lock records the real run on the full mirror; the copy starts without one
 SKIP_FILES = {"dvc.lock"}
 OUTPUTS = ["data/index.csv", "results/data/problems.csv", "results/data/report.json",
+           "results/data/duplicates.csv",
            "results/data/image_sizes.csv", "data/splits/paper.csv", "data/splits/heldout.csv",
            "results/data/leakage.md", "results/data/leakage.json"]
 

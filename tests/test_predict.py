@@ -5,16 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
+import numpy as np
 import pytest
 from champion_helpers import (
     CLASSES,
     MODEL_URI,
     bad_and_odd_files,
     encode_png,
+    exif_jpeg,
+    png16_rgb,
     png_with_size,
     real_images,
     register_tiny_champion,
+    sixteen_bit_of,
+    stored_pixels,
 )
 from PIL import Image
 
@@ -162,6 +168,47 @@ def test_tta_is_the_average_with_the_mirrored_image(champion, images, tmp_path, 
     (t,) = read_rows(out, "jsonl")
     for c in PROB_COLUMNS:
         assert t[c] == pytest.approx((a[c] + b[c]) / 2, abs=1e-5)
+
+
+def test_odd_but_valid_files_are_read_as_every_stage_reads_them(champion, images, tmp_path,
+                                                                capsys):
+    """Issue 12: EXIF orientation applied, 16-bit RGB scaled (both noted), a Latin-1 file name
+    written as valid UTF-8, hidden folders skipped: the rows match their plain equivalents."""
+    rgb = np.array(Image.open(images[0]).convert("RGB"))
+    folder = tmp_path / "odd"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    phone = exif_jpeg(Image.fromarray(rgb), 6)
+    files = {
+        "plain": folder / "plain.png", "upright": folder / "upright.png",
+        "exif6": folder / "exif6.jpeg", "sixteen": folder / "sixteen.png",
+        "tiff": folder / "tiff.tif",
+    }
+    files["plain"].write_bytes(encode_png(Image.fromarray(rgb)))
+    files["upright"].write_bytes(encode_png(Image.fromarray(np.rot90(stored_pixels(phone), -1))))
+    files["exif6"].write_bytes(phone)
+    files["sixteen"].write_bytes(png16_rgb(sixteen_bit_of(rgb)))
+    Image.fromarray(rgb).save(files["tiff"], format="TIFF")
+    (folder / ".ipynb_checkpoints" / "plain-checkpoint.png").write_bytes(b"not data")
+    latin1 = os.fsencode(folder) + b"/caf\xe9.png"
+    with open(latin1, "wb") as f:
+        f.write(files["plain"].read_bytes())
+    output = tmp_path / "out.csv"
+    code, _, err = run_cli([str(folder), "--tracking-uri", champion.tracking_uri,
+                            "-o", str(output), "-q"], capsys)
+    assert code == 0, err
+    rows = {r["path"]: r for r in read_rows(output.read_bytes().decode("utf-8"), "csv")}
+    latin1_text = str(folder) + "/caf\\xe9.png"  # a backslash, x, e, 9
+    assert sorted(rows) == sorted([latin1_text, *map(str, files.values())])  # no checkpoint
+    by_name = {name: rows[str(f)] for name, f in files.items()} | {"latin1": rows[latin1_text]}
+    assert by_name["exif6"]["note"] == "EXIF orientation 6 applied (turned 90° clockwise)"
+    assert by_name["sixteen"]["note"] == ("16-bit RGB reduced to 8 bits per channel "
+                                          "(high byte, i.e. value/256)")
+    for name, twin in (("exif6", "upright"), ("sixteen", "plain"), ("tiff", "plain"),
+                       ("latin1", "plain")):
+        assert by_name[name]["error"] == "", name
+        for c in PROB_COLUMNS:
+            assert float(by_name[name][c]) == pytest.approx(float(by_name[twin][c]), abs=1e-6)
+    assert by_name["plain"]["note"] == by_name["tiff"]["note"] == by_name["latin1"]["note"] == ""
 
 
 def test_missing_alias_or_store_is_one_clear_message(champion, images, tmp_path, capsys):

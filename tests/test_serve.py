@@ -17,8 +17,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
-from champion_helpers import CLASSES, MODEL_URI, real_images, register_tiny_champion
+from champion_helpers import (
+    CLASSES,
+    MODEL_URI,
+    encode_png,
+    exif_jpeg,
+    png16_rgb,
+    real_images,
+    register_tiny_champion,
+    sixteen_bit_of,
+    stored_pixels,
+)
+from PIL import Image
 
 from wbc_transfer.cli import main
 
@@ -126,3 +138,20 @@ def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, cap
     for http, row in zip(served_tta, cli_tta, strict=True):
         for c in PROB_COLUMNS:
             assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
+
+
+def test_served_champion_applies_exif_orientation_and_scales_16_bit(mirror, server, tmp_path):
+    """Issue 12: over HTTP too, an EXIF-rotated JPEG is read upright and a 16-bit RGB PNG is
+    scaled to 8 bits, each with its note: the answers equal those of the plain images."""
+    rgb = np.array(Image.open(real_images(mirror, tmp_path / "cells", per_class=1)[0]))
+    phone = exif_jpeg(Image.fromarray(rgb), 6)
+    upright = encode_png(Image.fromarray(np.rot90(stored_pixels(phone), -1)))
+    exif6, straight, sixteen, plain = invoke(server, [
+        phone, upright, png16_rgb(sixteen_bit_of(rgb)), encode_png(Image.fromarray(rgb))])
+    assert exif6["note"] == "EXIF orientation 6 applied (turned 90° clockwise)"
+    assert sixteen["note"] == "16-bit RGB reduced to 8 bits per channel (high byte, i.e. value/256)"
+    assert straight["note"] == plain["note"] == ""
+    for odd, twin in ((exif6, straight), (sixteen, plain)):
+        assert odd["error"] == "" and odd["predicted"] == twin["predicted"]
+        for c in PROB_COLUMNS:
+            assert odd[c] == pytest.approx(twin[c], abs=1e-6)

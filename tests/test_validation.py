@@ -143,7 +143,7 @@ def test_validate_lenient_excludes_and_lists_every_bad_file(broken_root, make_pa
     report_dir = params.resolve(params.validate.report_dir)
     problems = pd.read_csv(report_dir / "problems.csv")
 
-    assert list(index.columns) == ["path", "folder", "label", "width", "height"]
+    assert list(index.columns) == ["path", "folder", "label", "width", "height", "note"]
     assert not set(index["path"]) & set(BAD_FILES)
     for path, words in {**BAD_FILES, **BAD_FOLDERS}.items():
         row = problems[problems["path"] == path]

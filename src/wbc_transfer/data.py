@@ -8,6 +8,7 @@ never competes with the model for the CPU.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from wbc_transfer.io import atomic_write
+from wbc_transfer.images import decode_file
+from wbc_transfer.io import atomic_write, text_path
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +89,38 @@ class ImageSet:
         return cls(**payload)
 
 
-def decode_resized(file: Path, size: int) -> torch.Tensor:
-    """Decode an image file to uint8 RGB and resize it to size x size (the paper's resize)."""
-    image = decode_image(str(file), mode=ImageReadMode.RGB)
-    return TF.resize(image, [size, size], antialias=True)
+def decode_resized(file: Path, size: int) -> tuple[torch.Tensor, str]:
+    """Decode an image file and resize it to size x size (the paper's resize: torchvision,
+    bilinear, antialiased): (uint8 tensor 3 x size x size, note).
+
+    Decoding is `wbc_transfer.images.decode_file`, the decoder of validate, predict and HTTP
+    (EXIF orientation applied, 16-bit scaled to 8, conversions stated in the note). Raises
+    ImageError "<file>: <reason>" naming the file."""
+    decoded = decode_file(file)
+    return TF.resize(decoded.pixels, [size, size], antialias=True), decoded.note
 
 
 def build_image_set(
     manifest: pd.DataFrame, images_dir: Path, classes: Sequence[str], size: int
 ) -> ImageSet:
+    """Decode and resize every manifest row (columns path, label, split; paths as
+    `wbc_transfer.io.path_text` writes them, relative to images_dir) into one ImageSet.
+
+    Raises ValueError for labels outside `classes`, ImageError naming the first file that
+    cannot be decoded. Conversions (EXIF orientation, 16-bit, ...) are logged, counted by kind.
+    """
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = set(manifest["label"]) - set(lookup)
     if unknown:
         raise ValueError(f"manifest has labels not in data.classes: {sorted(unknown)}")
     images = torch.empty((len(manifest), 3, size, size), dtype=torch.uint8)
+    notes: Counter[str] = Counter()
     for i, rel in enumerate(tqdm(manifest["path"], desc=f"decode+resize {size}px", unit="img",
                                  mininterval=2, leave=False)):
-        images[i] = decode_resized(images_dir / rel, size)
+        images[i], note = decode_resized(images_dir / text_path(rel), size)
+        notes.update([note] if note else [])
+    for note, n in sorted(notes.items()):
+        log.info("%d image(s): %s", n, note)
     return ImageSet(
         images=images,
         labels=torch.tensor([lookup[c] for c in manifest["label"]], dtype=torch.int64),

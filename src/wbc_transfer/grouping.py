@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.metrics.cluster import pair_confusion_matrix
 from tqdm import tqdm
+
+from wbc_transfer.images import decode_file
+from wbc_transfer.io import text_path
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +74,15 @@ class Described:
     views: list[tuple[np.ndarray, np.ndarray | None]]
 
 
-def read_bgr(file: str | Path) -> np.ndarray:
-    """uint8 H x W x 3 (BGR) pixels of an image file; ValueError naming the file if unreadable."""
-    image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{file}: cannot be decoded as an image")
-    return image
+def read_pixels(file: str | Path) -> np.ndarray:
+    """uint8 H x W x 3 (RGB) pixels of an image file, through the product's one decoder
+    (`wbc_transfer.images.decode_file`: EXIF orientation, 16-bit scaling); raises ImageError
+    naming the file."""
+    return np.ascontiguousarray(decode_file(file).pixels.permute(1, 2, 0).numpy())
 
 
 def describe(image: np.ndarray, features: int = 300) -> Described:
-    """Histogram + SIFT keypoints of a uint8 H x W x 3 image (BGR) and of its mirror image;
+    """Histogram + SIFT keypoints of a uint8 H x W x 3 image (RGB) and of its mirror image;
     keypoints only where the image is not black augmentation fill."""
     content = image.max(axis=2) > BLACK
     codes = (image[content].astype(np.int64) * HIST_BINS) // 256
@@ -88,7 +91,7 @@ def describe(image: np.ndarray, features: int = 300) -> Described:
     hist = np.sqrt(hist / max(hist.sum(), 1.0))
     hist /= max(float(np.linalg.norm(hist)), 1e-12)
     mask = cv2.erode(content.astype(np.uint8) * 255, np.ones((9, 9), np.uint8))
-    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     sift = cv2.SIFT_create(nfeatures=features)
     views = []
     for g, m in ((gray, mask), (np.ascontiguousarray(gray[:, ::-1]), np.ascontiguousarray(mask[:, ::-1]))):
@@ -100,7 +103,7 @@ def describe(image: np.ndarray, features: int = 300) -> Described:
 
 def _describe_file(args: tuple[str, int]) -> Described:
     cv2.setNumThreads(1)
-    return describe(read_bgr(args[0]), args[1])
+    return describe(read_pixels(args[0]), args[1])
 
 
 def worker_pool(settings: GroupingSettings) -> ProcessPoolExecutor | None:
@@ -115,7 +118,7 @@ def describe_files(files: Sequence[str | Path], settings: GroupingSettings,
                    desc: str = "describe", pool: ProcessPoolExecutor | None = None,
                    ) -> list[Described]:
     """`describe` of each file (in `pool` when given), with a progress bar."""
-    jobs = [(str(f), settings.features) for f in files]
+    jobs = [(os.fspath(f), settings.features) for f in files]
     results = pool.map(_describe_file, jobs, chunksize=16) if pool is not None \
         else map(_describe_file, jobs)
     return list(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=2))
@@ -226,7 +229,7 @@ def assign_groups(index: pd.DataFrame, images_dir: Path, settings: GroupingSetti
     try:
         for (folder, label), block in index.groupby(["folder", "label"], sort=True):
             rows = block.sort_values("path")
-            described = describe_files([images_dir / p for p in rows["path"]], settings,
+            described = describe_files([images_dir / text_path(p) for p in rows["path"]], settings,
                                        f"describe {folder}/{label}", pool)
             labels = cluster(described, settings, desc=f"match {folder}/{label}")
             first = pd.Series(rows["path"].to_numpy()).groupby(labels).min().sort_values()
@@ -300,7 +303,7 @@ def pair_scores(true_ids: np.ndarray, predicted: np.ndarray) -> dict[str, float]
 def sibling_check(sources: Sequence[np.ndarray], settings: GroupingSettings, siblings: int,
                   seed: int) -> dict[str, object]:
     """Precision/recall of "same cell" on synthetic siblings: `siblings` augmented copies of
-    each source image (uint8 H x W x 3 BGR; one source = one distinct cell), all clustered
+    each source image (uint8 H x W x 3 RGB; one source = one distinct cell), all clustered
     together as one block with `settings`."""
     rng = np.random.default_rng(seed)
     images, source = [], []

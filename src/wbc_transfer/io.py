@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+_ESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f])")
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    r"""The text form of a file path in everything the product writes (CSV, JSON, Markdown,
+    MLflow params and tags, error messages): always valid UTF-8, and reversible.
+
+    A name whose bytes are UTF-8 is written as it is, except that a backslash is doubled. A
+    byte that is not UTF-8 (Python holds it as a surrogate, a Latin-1 e-acute 0xE9 as U+DCE9)
+    is written as the four characters ``\xe9``: the file named by the bytes b"caf\xe9.jpeg"
+    is written as the text ``caf\xe9.jpeg``. `text_path` turns the text back into the name
+    of the same file.
+    """
+    raw = os.fsencode(path)
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+def text_path(text: str) -> str:
+    """The path (str, with surrogates for non-UTF-8 bytes) that `path_text` wrote as `text`."""
+    if "\\" not in text:
+        return text
+
+    def back(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return "\\" if code == "\\" else chr(0xDC00 + int(code[1:], 16))
+
+    return _ESCAPE.sub(back, text)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

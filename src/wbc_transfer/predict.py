@@ -6,7 +6,10 @@ the very same pyfunc that `mlflow models serve` runs, so the command line and HT
 
 A file that cannot be classified (missing, unreadable, empty, truncated, not an image, absurdly
 large) gets a row with its ``error`` and the others are still classified; conversions that were
-safe to make (grayscale, RGBA, 16-bit, palette -> RGB) are stated in ``note``.
+safe to make (EXIF orientation, 16-bit -> 8-bit, grayscale, RGBA, palette -> RGB) are stated in
+``note``. Images are decoded by `wbc_transfer.images`, the decoder of every pipeline stage.
+Hidden files and folders (names starting with ".") inside a folder are skipped. A path is
+written as `wbc_transfer.io.path_text` gives it (valid UTF-8 whatever the file name's bytes).
 
 Trust: before loading, the model's MLmodel metadata must carry the marker written by
 `wbc_transfer.serving.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
@@ -35,7 +38,6 @@ from typing import Any, TextIO
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models:/wbc-classifier@champion"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 GLOB_CHARS = set("*?[")
 
 
@@ -57,9 +59,11 @@ class Item:
 
 
 def _folder_files(folder: Path) -> list[Path]:
+    from wbc_transfer.images import IMAGE_SUFFIXES, is_hidden
+
     return sorted(p for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                  and not is_hidden(p.relative_to(folder)))
 
 
 def collect(paths: Sequence[str]) -> list[Item]:
@@ -67,6 +71,8 @@ def collect(paths: Sequence[str]) -> list[Item]:
 
     Files named explicitly are always tried, whatever their suffix; a path that does not exist
     or a glob that matches nothing becomes an error row."""
+    from wbc_transfer.io import path_text
+
     items: list[Item] = []
     seen: set[Path] = set()
 
@@ -74,7 +80,7 @@ def collect(paths: Sequence[str]) -> list[Item]:
         key = file.resolve()
         if key not in seen:
             seen.add(key)
-            items.append(Item(shown, file))
+            items.append(Item(path_text(shown), file))
 
     for raw in paths:
         path = Path(raw).expanduser()
@@ -86,7 +92,7 @@ def collect(paths: Sequence[str]) -> list[Item]:
         elif GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(os.path.expanduser(raw), recursive=True))
             if not matches:
-                items.append(Item(raw, None, "no file matches this pattern"))
+                items.append(Item(path_text(raw), None, "no file matches this pattern"))
             for match in matches:
                 m = Path(match)
                 if m.is_dir():
@@ -95,18 +101,8 @@ def collect(paths: Sequence[str]) -> list[Item]:
                 else:
                     add(m, match)
         else:
-            items.append(Item(raw, None, "file not found"))
+            items.append(Item(path_text(raw), None, "file not found"))
     return items
-
-
-def read_bytes(file: Path) -> bytes:
-    """The file's bytes; OSError/ValueError with a short reason for the error column."""
-    from wbc_transfer.serving import MAX_BYTES
-
-    size = file.stat().st_size
-    if size > MAX_BYTES:
-        raise ValueError(f"file too large ({size} bytes > {MAX_BYTES})")
-    return file.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +180,8 @@ def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool 
     import pandas as pd
     from tqdm import tqdm
 
+    from wbc_transfer.images import ImageError, read_file
+
     cols = columns(classes_of(model))
     bar = tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr,
                disable=not progress, mininterval=0.5, smoothing=0.1)
@@ -198,10 +196,10 @@ def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool 
                 if it.error or it.file is None:
                     continue
                 try:
-                    data.append(read_bytes(it.file))
+                    data.append(read_file(it.file))
                     todo.append(i)
-                except (OSError, ValueError) as exc:
-                    rows[i]["error"] = f"cannot read file: {getattr(exc, 'strerror', None) or exc}"
+                except ImageError as exc:
+                    rows[i]["error"] = str(exc)
             if todo:
                 try:
                     out = model.predict(pd.DataFrame({"image": data}),

@@ -14,8 +14,9 @@ the serving environment needs this package installed (``--env-manager local``).
 Input: a DataFrame with one column ``image`` of raw image bytes (over HTTP, MLflow base64-decodes
 a ``binary`` column of a ``dataframe_split``/``dataframe_records`` payload). Output: one row
 per input row with ``predicted``, ``confidence``, ``p_<class>`` for every class, ``note`` (what
-was converted, e.g. grayscale to RGB) and ``error`` (why the row could not be classified);
-a bad image never fails the batch. Params: ``tta`` (horizontal-flip average), ``batch_size``.
+was converted, e.g. EXIF orientation applied, grayscale to RGB) and ``error`` (why the row could
+not be classified); a bad image never fails the batch. Decoding is `wbc_transfer.images`, the
+decoder of every pipeline stage. Params: ``tta`` (horizontal-flip average), ``batch_size``.
 
 Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
 does: the artifact store must be as trusted as the code it holds), reads MLmodel/JSON and
@@ -30,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import math
@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+
+from wbc_transfer.images import ImageError, decode
 
 log = logging.getLogger(__name__)
 
@@ -56,90 +57,11 @@ FORMAT_VERSION = 1
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_COLUMN = "image"
 
-MAX_SIDE = 20_000  # px; larger images are refused before decoding
-MAX_PIXELS = 40_000_000  # width x height; protects against decompression bombs
-MAX_BYTES = 64 * 1024 * 1024  # encoded size; the CLI refuses bigger files before reading
-
 CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 
 
-class ImageError(ValueError):
-    """One input cannot be turned into a model input; the message goes to the `error` column."""
-
-
 # ---------------------------------------------------------------------------------------------
-# preprocessing
-
-
-def decode(data: bytes) -> tuple[torch.Tensor, str]:
-    """Image bytes -> (uint8 tensor 3 x H x W, note). Raises ImageError with a short reason.
-
-    Safe conversions are made and stated in the note: palette/grayscale/CMYK/1-bit -> RGB,
-    alpha dropped, 16-bit grayscale scaled to 8 bits, first frame of a multi-frame file.
-    """
-    if data is None or len(data) == 0:
-        raise ImageError("empty file (0 bytes)")
-    if len(data) > MAX_BYTES:
-        raise ImageError(f"file too large ({len(data)} bytes > {MAX_BYTES})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max(width, height) > MAX_SIDE:
-                raise ImageError(f"image too large: {width}x{height} px "
-                                 f"(limit {MAX_SIDE} px a side)")
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"image too large: {width}x{height} = {width * height} px "
-                                 f"(limit {MAX_PIXELS}; possible decompression bomb)")
-            if width < 1 or height < 1:
-                raise ImageError(f"image has no pixels ({width}x{height})")
-            image.load()
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
-    except Exception as exc:  # truncated/corrupt files: OSError, SyntaxError, ValueError ...
-        raise ImageError(f"unreadable image: {type(exc).__name__}: {exc}") from None
-    notes = []
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:
-        notes.append(f"first of {frames} frames used")
-    array, note = _to_rgb(image)
-    if note:
-        notes.append(note)
-    # a channels-last view: a uint8 .contiguous() copy costs more than the resize that follows
-    return torch.from_numpy(array).permute(2, 0, 1), "; ".join(notes)
-
-
-def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str]:
-    mode = image.mode
-    if mode == "RGB":
-        return np.array(image, dtype=np.uint8), ""
-    if mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
-        values = np.asarray(image)
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high > 65535:
-            raise ImageError(f"unsupported {mode} image with values {low}..{high}")
-        if high <= 255:
-            gray, how = values.astype(np.uint8), "values already 0..255, kept"
-        else:
-            gray = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
-            how = "scaled /257 to 8 bits"
-        return np.repeat(gray[:, :, None], 3, axis=2), f"converted {mode} to RGB ({how})"
-    if mode in {"F"}:
-        raise ImageError("unsupported mode F (32-bit float image)")
-    note = f"converted {mode} to RGB"
-    if "A" in mode or (mode == "P" and "transparency" in image.info):
-        alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
-        note += " (alpha dropped" + (", image had transparent pixels)" if alpha.min() < 255
-                                     else ", fully opaque)")
-    try:
-        return np.array(image.convert("RGB"), dtype=np.uint8), note
-    except Exception as exc:
-        raise ImageError(f"cannot convert mode {mode} to RGB: {exc}") from None
+# preprocessing: decoding is `wbc_transfer.images.decode`, the decoder of every stage
 
 
 def as_bytes(value: Any) -> bytes:

@@ -1,27 +1,45 @@
-"""Scan every image of the Kaggle layout once: decode it, record size/mode/class, flag problems."""
+"""Scan every image of the Kaggle layout once: decode it, record size/mode/class, flag problems.
+
+Decoding is `wbc_transfer.images.decode_bytes`, the decoder of every later stage, so what
+validation accepts, `split`, `prepare`, predict and HTTP read the same way. Accepted: files that
+decode and are stored as RGB (8 bits per channel, or 16 reduced to 8, stated in `note`); the EXIF
+orientation is applied and noted. Hidden files and folders (a name starting with "."), at any
+depth, are not data and are not scanned. Each file's SHA-256 finds exact duplicates
+(`duplicates`); the same bytes under two classes is a label conflict, a problem. Paths are
+written as `wbc_transfer.io.path_text` gives them (valid UTF-8 whatever the name's bytes).
+"""
 
 from __future__ import annotations
 
-import warnings
+import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from wbc_transfer.images import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    decode_bytes,
+    is_hidden,
+    read_file,
+)
+from wbc_transfer.io import path_text
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
-
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRecord:
-    path: str  # relative to the images folder, POSIX separators
+    path: str  # relative to the images folder, POSIX separators, as `path_text` writes it
     folder: str  # TRAIN / TEST / TEST_SIMPLE
     label: str
-    width: int
+    width: int  # px, upright (after the EXIF orientation)
     height: int
-    mode: str
+    mode: str  # Pillow mode as stored
     problem: str  # "" when the image is usable
+    note: str = ""  # conversions made when decoding (EXIF orientation, 16-bit -> 8-bit)
+    sha256: str = ""  # of the file's bytes ("" when it could not be read or decoded)
 
     @property
     def ok(self) -> bool:
@@ -35,21 +53,21 @@ class FolderProblem:
 
 
 def inspect_image(file: Path, rel: str, folder: str, label: str) -> ImageRecord:
-    """Decode one file completely; a problem string says why it cannot be used."""
-    if file.stat().st_size == 0:
-        return ImageRecord(rel, folder, label, 0, 0, "", "empty file (0 bytes)")
+    """Read and decode one file completely (the product's decoder); a problem string says why
+    it cannot be used: unreadable, empty, truncated, not an image, too large, or not RGB."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
-                img.load()  # full decode: catches truncated files
-                width, height, mode = img.width, img.height, img.mode
-    except UnidentifiedImageError:
-        return ImageRecord(rel, folder, label, 0, 0, "", "not an image (unidentified format)")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        return ImageRecord(rel, folder, label, 0, 0, "", f"unreadable: {exc}")
+        data = read_file(file)
+    except ImageError as exc:
+        return ImageRecord(rel, folder, label, 0, 0, "", str(exc))
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = decode_bytes(data)
+    except ImageError as exc:  # the same reason predict and HTTP give for this file
+        return ImageRecord(rel, folder, label, 0, 0, "", str(exc))
+    mode = decoded.mode
     problem = "" if mode == "RGB" else f"mode {mode}, expected RGB"
-    return ImageRecord(rel, folder, label, width, height, mode, problem)
+    return ImageRecord(rel, folder, label, decoded.width, decoded.height, mode, problem,
+                       decoded.note, digest)
 
 
 def _inspect(args: tuple[str, str, str, str]) -> ImageRecord:
@@ -67,30 +85,39 @@ def scan(
     (TEST_SIMPLE is optional), but a missing TRAIN or TEST is the caller's problem to judge."""
     jobs: list[tuple[str, str, str, str]] = []
     problems: list[FolderProblem] = []
+    hidden = 0
     for folder in folders:
         base = images_dir / folder
         if not base.is_dir():
             continue
         for entry in sorted(base.iterdir()):
-            rel_dir = f"{folder}/{entry.name}"
+            if entry.name.startswith("."):
+                hidden += 1  # .ipynb_checkpoints, .DS_Store, ...: not data
+                continue
+            rel_dir = path_text(f"{folder}/{entry.name}")
             if not entry.is_dir():
                 problems.append(FolderProblem(rel_dir, "file outside any class folder"))
                 continue
             if entry.name not in classes:
                 problems.append(FolderProblem(rel_dir, f"unknown class folder (known: {list(classes)})"))
                 continue
-            files = sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = [p for p in entry.rglob("*") if p.is_file()]
+            files = sorted(p for p in found if not is_hidden(p.relative_to(entry)))
+            hidden += len(found) - len(files)
             if not files:
                 problems.append(FolderProblem(rel_dir, "empty class folder"))
             for file in files:
-                rel = file.relative_to(images_dir).as_posix()
+                rel = path_text(file.relative_to(images_dir).as_posix())
                 if file.suffix.lower() not in IMAGE_SUFFIXES:
-                    problems.append(FolderProblem(rel, f"not an image file suffix ({file.suffix})"))
+                    problems.append(FolderProblem(
+                        rel, f"not an image file suffix ({path_text(file.suffix)})"))
                     continue
                 jobs.append((str(file), rel, folder, entry.name))
         for cls in classes:
             if not (base / cls).is_dir():
                 problems.append(FolderProblem(f"{folder}/{cls}", "missing class folder"))
+    if hidden:
+        log.info("skipped %d hidden file(s)/folder(s) (names starting with '.'): not data", hidden)
     if workers > 1 and len(jobs) > 200:
         with ProcessPoolExecutor(workers) as pool:
             records = list(pool.map(_inspect, jobs, chunksize=256))
@@ -101,3 +128,34 @@ def scan(
 
 def as_rows(records: Iterable[ImageRecord]) -> list[dict[str, object]]:
     return [asdict(r) for r in records]
+
+
+def duplicates(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[dict[str, str]]]:
+    """Exact duplicates (same SHA-256 of the bytes), within and across classes and folders.
+
+    Returns (records, rows): the records with a label conflict (the same bytes under two or more
+    classes) turned into problems naming the other copies, and one row per file of each group
+    of two or more (columns sha256, path, folder, label; sorted by sha256, path). Files that
+    could not be decoded take no part."""
+    groups: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        if record.sha256:
+            groups.setdefault(record.sha256, []).append(record)
+    rows: list[dict[str, str]] = []
+    conflicts: dict[str, str] = {}
+    for digest, members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda r: r.path)
+        rows += [{"sha256": digest, "path": r.path, "folder": r.folder, "label": r.label}
+                 for r in members]
+        labels = sorted({r.label for r in members})
+        if len(labels) > 1:
+            for r in members:
+                others = ", ".join(o.path for o in members if o is not r)
+                conflicts[r.path] = (f"label conflict: same bytes as {others} "
+                                     f"(classes {', '.join(labels)})")
+    if conflicts:
+        records = [replace(r, problem=conflicts[r.path]) if r.path in conflicts and r.ok else r
+                   for r in records]
+    return list(records), rows

@@ -20,10 +20,10 @@ from wbc_transfer.grouping import (
     GroupingSettings,
     assign_groups,
     pair_scores,
-    read_bgr,
+    read_pixels,
     sibling_check,
 )
-from wbc_transfer.io import write_csv, write_json, write_text
+from wbc_transfer.io import text_path, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def original_images(root: Path, n: int, seed: int) -> list[np.ndarray]:
     if not files:
         return []
     rng = np.random.default_rng(seed)
-    return [cv2.resize(read_bgr(files[i]), SIZE, interpolation=cv2.INTER_AREA)
+    return [cv2.resize(read_pixels(files[i]), SIZE, interpolation=cv2.INTER_AREA)
             for i in np.sort(rng.choice(len(files), size=min(n, len(files)), replace=False))]
 
 
@@ -66,7 +66,7 @@ def sibling_sources(params: Params, index: pd.DataFrame, groups: pd.Series) -> t
                            f"JPEGImages, resized to 320 x 240)")
     one = index.assign(group=groups.to_numpy()).sort_values("path").groupby("group").head(1)
     one = one.sample(n=min(g.sibling_cells, len(one)), random_state=g.seed).sort_values("path")
-    return ([read_bgr(params.images_dir / p) for p in one["path"]],
+    return ([read_pixels(params.images_dir / text_path(p)) for p in one["path"]],
             f"{len(one)} images, each of a different group")
 
 

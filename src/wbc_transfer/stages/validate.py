@@ -1,15 +1,22 @@
-"""DVC stage `validate`: scan every image, write the dataset report and the index of usable files."""
+"""DVC stage `validate`: scan every image, write the dataset report and the index of usable files.
+
+Writes (under validate.report_dir) problems.csv (path, problem), image_sizes.csv,
+duplicates.csv (exact duplicates: sha256, path, folder, label) and report.json, and
+validate.index (path, folder, label, width, height, note) of the usable images. Under
+validate.policy=strict any problem (a bad file or folder, a label conflict) stops the stage.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import fields
 
 import pandas as pd
 
 from wbc_transfer.config import Params
-from wbc_transfer.io import write_csv, write_json
-from wbc_transfer.validation import as_rows, scan
+from wbc_transfer.io import path_text, write_csv, write_json
+from wbc_transfer.validation import ImageRecord, as_rows, duplicates, scan
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,8 @@ def main(params: Params) -> dict[str, object]:
             )
     log.info("scanning %s", images_dir)
     records, folder_problems = scan(images_dir, params.data.classes, params.data.folders)
-    frame = pd.DataFrame(as_rows(records))
+    records, duplicate_rows = duplicates(records)
+    frame = pd.DataFrame(as_rows(records), columns=[f.name for f in fields(ImageRecord)])
     bad = frame[frame["problem"] != ""] if len(frame) else frame
     good = frame[frame["problem"] == ""] if len(frame) else frame
     problems = pd.concat(
@@ -47,20 +55,32 @@ def main(params: Params) -> dict[str, object]:
         if len(good) else pd.DataFrame(columns=["folder", "width", "height", "count"])
     )
     write_csv(out / "image_sizes.csv", sizes)
+    dups = pd.DataFrame(duplicate_rows, columns=["sha256", "path", "folder", "label"])
+    write_csv(out / "duplicates.csv", dups)
+    conversions = Counter(good["note"][good["note"] != ""]) if len(good) else Counter()
     counts = {
         folder: {c: int(n) for c, n in sorted(Counter(g["label"]).items())}
         for folder, g in good.groupby("folder")
     }
     report = {
         # relative to the repository when inside it, so the report is the same in every clone
-        "images_dir": str(images_dir.relative_to(params.root)
-                          if images_dir.is_relative_to(params.root) else images_dir),
+        "images_dir": path_text(images_dir.relative_to(params.root)
+                                if images_dir.is_relative_to(params.root) else images_dir),
         "policy": params.validate.policy,
         "scanned_files": int(len(frame)),
         "usable_images": int(len(good)),
         "problems": int(len(problems)),
         "counts": counts,
         "modes": {m: int(n) for m, n in Counter(good["mode"]).items()} if len(good) else {},
+        # usable images that were converted on decoding (every stage converts them alike)
+        "conversions": {note: int(n) for note, n in sorted(conversions.items())},
+        # exact duplicates (same bytes); the groups are listed in duplicates.csv
+        "duplicates": {
+            "groups": int(dups["sha256"].nunique()),
+            "files": int(len(dups)),
+            "groups_across_classes": _groups_spanning(dups, "label"),
+            "groups_across_folders": _groups_spanning(dups, "folder"),
+        },
     }
     write_json(out / "report.json", report)
 
@@ -76,6 +96,18 @@ def main(params: Params) -> dict[str, object]:
             )
         log.warning("excluding %d problem file(s) (validate.policy=lenient):\n%s%s",
                     len(problems), listing, more)
-    write_csv(params.resolve(params.validate.index), good[["path", "folder", "label", "width", "height"]])
+    if conversions:
+        log.warning("converted on decoding (every stage reads them so):\n%s",
+                    "\n".join(f"  {n} image(s): {note}" for note, n in sorted(conversions.items())))
+    if len(dups):
+        log.warning("%d exact duplicate file(s) in %d group(s), listed in %s",
+                    len(dups), dups["sha256"].nunique(), out / "duplicates.csv")
+    write_csv(params.resolve(params.validate.index),
+              good[["path", "folder", "label", "width", "height", "note"]])
     log.info("usable images: %s", counts)
     return report
+
+
+def _groups_spanning(dups: pd.DataFrame, column: str) -> int:
+    """Duplicate groups whose files lie under more than one value of `column`."""
+    return int((dups.groupby("sha256")[column].nunique() > 1).sum()) if len(dups) else 0
