@@ -1,4 +1,4 @@
-"""`dvc repro validate split` end to end in a throwaway copy of the repository."""
+"""`dvc repro split` (validate, groups, split) end to end in a throwaway copy of the repository."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ EXTRA_FILES = ["dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config
 SKIP_FILES = {"dvc.lock"}
 OUTPUTS = ["data/index.csv", "results/data/problems.csv", "results/data/report.json",
            "results/data/duplicates.csv",
-           "results/data/image_sizes.csv", "data/splits/paper.csv", "data/splits/heldout.csv",
-           "results/data/leakage.md", "results/data/leakage.json"]
+           "results/data/image_sizes.csv", "data/groups.csv", "results/data/groups.json",
+           "results/data/groups.md", "data/splits/paper.csv", "data/splits/paper_grouped.csv",
+           "data/splits/heldout.csv", "results/data/leakage.md", "results/data/leakage.json"]
+STAGES = ("validate", "groups", "split")
 
 
 def _env() -> dict[str, str]:
@@ -43,7 +45,7 @@ def _run(args: list[str], cwd: Path) -> str:
 
 
 def _repro(repo: Path) -> str:
-    return _run([str(VENV_BIN / "dvc"), "repro", "validate", "split"], repo)
+    return _run([str(VENV_BIN / "dvc"), "repro", "split"], repo)
 
 
 @pytest.fixture
@@ -61,8 +63,10 @@ def repo_copy(tmp_path, mini_dataset) -> Path:
     shutil.copytree(mini_dataset, repo / "data" / "mini-blood-cells")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["root"] = "data/mini-blood-cells"
-    params["split"]["paper"].update(per_class=20, val_per_class=3)
-    params["split"]["heldout"].update(train_per_class=10, val_per_class=3)
+    params["split"]["paper"].update(per_class=20)
+    params["split"].update(val_per_class=3)
+    params["split"]["heldout"].update(train_per_class=10)
+    params["groups"].update(workers=1, sibling_cells=4, siblings_per_cell=3)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (["git", "init", "-q"], ["git", "config", "user.name", "wbc tests"],
                  ["git", "config", "user.email", "tests@example.invalid"],
@@ -72,22 +76,21 @@ def repo_copy(tmp_path, mini_dataset) -> Path:
 
 
 def _ran(output: str) -> set[str]:
-    return {stage for stage in ("validate", "split") if f"Running stage '{stage}'" in output}
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
 def _skipped(output: str) -> set[str]:
-    return {stage for stage in ("validate", "split")
-            if f"Stage '{stage}' didn't change, skipping" in output}
+    return {stage for stage in STAGES if f"Stage '{stage}' didn't change, skipping" in output}
 
 
-def test_dvc_repro_validate_split(repo_copy):
+def test_dvc_repro_validate_groups_split(repo_copy):
     repo = repo_copy
     first = _repro(repo)
-    assert _ran(first) == {"validate", "split"}, first
+    assert _ran(first) == set(STAGES), first
     for rel in OUTPUTS:
         assert (repo / rel).is_file(), f"{rel} missing after dvc repro:\n{first}"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert {"validate", "split"} <= set(lock["stages"])
+    assert set(STAGES) <= set(lock["stages"])
     index = pd.read_csv(repo / "data/index.csv")
     assert len(index) == 4 * (40 + 12)
     paper = pd.read_csv(repo / "data/splits/paper.csv")
@@ -95,7 +98,7 @@ def test_dvc_repro_validate_split(repo_copy):
 
     second = _repro(repo)
     assert _ran(second) == set(), second
-    assert _skipped(second) == {"validate", "split"}, second
+    assert _skipped(second) == set(STAGES), second
     assert "up to date" in second.lower(), second
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -103,7 +106,7 @@ def test_dvc_repro_validate_split(repo_copy):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _repro(repo)
     assert _ran(third) == {"split"}, third
-    assert _skipped(third) == {"validate"}, third
+    assert _skipped(third) == {"validate", "groups"}, third
     reseeded = pd.read_csv(repo / "data/splits/paper.csv")
     assert len(reseeded) == len(paper)
     assert set(reseeded["path"]) != set(paper["path"])

@@ -105,7 +105,7 @@ class TrainParams:
     warmup_epochs: float = 1.0  # modern: linear warm-up, then cosine decay to 0
     label_smoothing: float = 0.1  # modern
     rotation_deg: float = 20.0  # modern augmentation: random rotation in [-x, x] degrees
-    colour_jitter: float = 0.1  # modern augmentation: brightness/contrast/saturation +- x, hue +- x/2
+    colour_jitter: float = 0.1  # modern augmentation: brightness/contrast/saturation +- x
     patience: int = 0  # early stopping: epochs without a better validation macro-F1 (0: off)
     keep: str = "best"  # best: the weights of the best validation epoch; last: the last epoch
     translate_px: int = 30

@@ -65,7 +65,8 @@ def make_loss(t: TrainParams) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 class ModernAugment:
     """Per-image random flips (h and v), rotation in [-rotation_deg, rotation_deg], translation
-    (train.translate_px at reference_size), and colour jitter, on a batch with kornia.
+    (train.translate_px at reference_size, reflection padding), and brightness/contrast/
+    saturation jitter, on a batch with kornia.
 
     uint8 or float N x 3 x H x W in [0, 255] -> float32 in [0, 255] (what `normalise` expects).
     Random parameters come from torch's global RNG (seeded per epoch by the train stage)."""
@@ -77,7 +78,9 @@ class ModernAugment:
             K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
             K.RandomAffine(degrees=t.rotation_deg, translate=(shift, shift), p=1.0,
                            padding_mode="reflection"),
-            K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 2,
+            # no hue jitter: kornia's RGB<->HSV round trip cost 4x the rest of the augmentation
+            # (0.27 s vs 0.065 s per 32 images at 128 px on one core)
+            K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter,
                           p=1.0 if jitter > 0 else 0.0),
         )
 

@@ -36,9 +36,13 @@ class SplitError(ValueError):
 
 
 def _train_pool(index: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    rows = index[(index["folder"] == "TRAIN") & index["label"].isin(classes)]
-    if "group" not in rows.columns:
+    """TRAIN images of `classes`, less the cells that are also in TEST (the groups stage found
+    a few: the Kaggle TEST folder is not entirely disjoint from TRAIN)."""
+    if "group" not in index.columns:
         raise SplitError("the index has no `group` column: run the `groups` stage first")
+    test_cells = set(index.loc[index["folder"] != "TRAIN", "group"])
+    rows = index[(index["folder"] == "TRAIN") & index["label"].isin(classes)
+                 & ~index["group"].isin(test_cells)]
     return rows.sort_values("path").reset_index(drop=True)
 
 

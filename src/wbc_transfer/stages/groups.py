@@ -70,6 +70,20 @@ def sibling_sources(params: Params, index: pd.DataFrame, groups: pd.Series) -> t
             f"{len(one)} images, each of a different group")
 
 
+def unite_across_folders(groups: pd.Series, matches: pd.DataFrame) -> pd.Series:
+    """One id for a cell found in two folders (a cross-folder match of one class): the TRAIN
+    copies take the id of the TEST group, so the splits can keep that cell out of training.
+    Cross-class matches (two white cells of one photo) keep their ids; they are only listed."""
+    same_class = matches[(matches["kind"] == "cross-folder")
+                         & (matches["group_a"].str.split("/").str[1]
+                            == matches["group_b"].str.split("/").str[1])]
+    rename = {}
+    for a, b in zip(same_class["group_a"], same_class["group_b"], strict=True):
+        keep, drop = sorted((a, b), key=lambda g: not g.startswith("TEST/"))
+        rename[drop] = rename.get(keep, keep)
+    return groups.replace(rename)
+
+
 def file_name_agreement(index: pd.DataFrame, groups: pd.Series) -> dict[str, float] | None:
     """Pairwise precision/recall of the groups against the Kaggle file-name prefix k of
     `_<k>_<n>.jpeg` (per folder and class), when every file is named that way. The mirror's
@@ -88,6 +102,7 @@ def main(params: Params) -> dict[str, object]:
     index = index[index["label"].isin(params.data.classes)].sort_values("path").reset_index(drop=True)
     log.info("grouping %d images: SIFT + RANSAC affine, %d inliers", len(index), settings.min_inliers)
     groups, matches = assign_groups(index, params.images_dir, settings)
+    groups = unite_across_folders(groups, matches)
     manifest = index[["path", "label", "folder"]].assign(group=groups.to_numpy())
     write_csv(params.resolve(g.manifest), manifest)
 

@@ -67,7 +67,11 @@ def main(params: Params) -> dict[str, object]:
         "heldout_val_vs_heldout_train": shared_groups(made["heldout"], "val", "train"),
         "paper_val_vs_paper_train": shared_groups(made["paper"], "val", "train"),
         "TEST_vs_all_TRAIN": {"images": int(len(test)), "cells": int(test["group"].nunique()),
-                              "with_sibling": int(test["group"].isin(train_groups).sum())},
+                              "with_sibling": int(test["group"].isin(train_groups).sum()),
+                              "cells_shared": int(test.loc[test["group"].isin(train_groups),
+                                                           "group"].nunique())},
+        "TRAIN_images_left_out_as_TEST_cells": int(
+            ((index["folder"] == "TRAIN") & index["group"].isin(set(test["group"]))).sum()),
         "counts": {p: counts(m) for p, m in made.items()},
         "cells": {p: group_counts(m) for p, m in made.items()},
     }
@@ -106,7 +110,10 @@ def leakage_note(report: dict) -> str:
         for split, per_class in table.items():
             lines.append(f"| {protocol} | {split} | "
                          + " | ".join(str(per_class.get(c, 0)) for c in sorted(per_class)) + " |")
-    lines += ["", "The `paper` protocol reproduces the study's random split of images: copies of "
+    lines += ["", f"TEST -> all of TRAIN counts the cells the `groups` stage found in both folders; "
+              f"their {report['TRAIN_images_left_out_as_TEST_cells']} TRAIN images are left out of "
+              f"every TRAIN-side split, so no protocol trains or validates on a TEST cell.",
+              "", "The `paper` protocol reproduces the study's random split of images: copies of "
               "one cell land in train and test, so its test score is optimistic. `paper_grouped` "
               "and `heldout` keep every cell on one side; the validation cells are shared by all "
               "protocols and are in no training split.", ""]
