@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from wbc_transfer import models
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.engine import Checkpoint, make_optimizer
+from wbc_transfer.io import read_json
 from wbc_transfer.stages import compare, evaluate, groups, prepare, promote, split, train, validate
 
 from conftest import write_params
@@ -38,6 +39,7 @@ def study_params(repo: Path, data_root: Path, **overrides) -> Params:
         "base.tracking_uri": f"sqlite:///{repo / 'mlflow.db'}",
         "prepare.image_size": 64,
         "train.architectures": ["alexnet", "efficientnet_lite0"],
+        "train.protocols": ["paper"],
         "train.epochs": 1,
         "evaluate.max_per_class": 5,
         "compare.bootstrap": 50,
@@ -66,10 +68,13 @@ def params_in(repo: Path, mini_dataset: Path, **overrides) -> Params:
 
 
 def test_study_end_to_end_tracks_runs_and_promotes_a_champion(prepared: Path, mini_dataset: Path):
-    params = params_in(prepared, mini_dataset)
+    params = params_in(prepared, mini_dataset, **{"train.input_size": {"efficientnet_lite0": 48}})
     for arch in params.train.architectures:
         train.main(params, arch=arch, protocol="paper", seed=42)
         evaluate.main(params, arch=arch, protocol="paper", seed=42)
+    sizes = {a: read_json(prepared / "results/train" / f"{a}-paper-42" / "run.json")["image_size"]
+             for a in params.train.architectures}
+    assert sizes == {"alexnet": 64, "efficientnet_lite0": 48}  # train.input_size, else prepared
     long = compare.main(params)
     assert set(long["architecture"]) == {"alexnet", "efficientnet_lite0"}
     assert {"validation", "paper_test", "TEST"} <= set(long["eval_set"])

@@ -110,6 +110,7 @@ class TrainParams:
     keep: str = "best"  # best: the weights of the best validation epoch; last: the last epoch
     translate_px: int = 30
     reference_size: int = 224
+    input_size: dict[str, int] = field(default_factory=dict)  # arch -> px (default: prepared)
     validate_every: int = 0
     device: str = "auto"
     num_threads: int = 0
@@ -303,6 +304,9 @@ def check(params: Params) -> None:
                         f"use {sorted(known_protocols)}")
     if t.recipe not in {"paper", "modern"}:
         problems.append(f"train.recipe must be paper or modern, got {t.recipe!r}")
+    bad_sizes = {a: v for a, v in (t.input_size or {}).items() if not isinstance(v, int) or v < 32}
+    if bad_sizes:
+        problems.append(f"train.input_size: sizes must be whole numbers >= 32 px, got {bad_sizes}")
     if t.keep not in {"best", "last"}:
         problems.append(f"train.keep must be best or last, got {t.keep!r}")
     if t.patience < 0:

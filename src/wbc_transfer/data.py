@@ -61,6 +61,16 @@ class ImageSet:
             idx = np.sort(np.concatenate(keep))
         return idx
 
+    def resized(self, size: int) -> ImageSet:
+        """The same images resized to size x size (torchvision, bilinear, antialiased; uint8);
+        itself when already that size."""
+        if size == self.size:
+            return self
+        images = TF.resize(self.images, [size, size], antialias=True) if len(self) else \
+            self.images.new_zeros((0, 3, size, size))
+        return ImageSet(images=images, labels=self.labels, paths=self.paths, splits=self.splits,
+                        classes=self.classes, groups=self.groups)
+
     def take(self, idx: np.ndarray | Sequence[int]) -> ImageSet:
         """The rows `idx` (int64 positions), in that order."""
         idx = np.asarray(idx, dtype=np.int64)

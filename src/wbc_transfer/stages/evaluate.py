@@ -66,6 +66,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     amp = amp_dtype(device, params.train.amp)
     with tracking.run(params, run_id=info["run_id"]):
         for set_name, data in evaluation_sets(params, protocol).items():
+            data = data.resized(int(info["image_size"]))
             r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size,
                          amp, tta=params.evaluate.tta)
             groups = data.groups or data.paths

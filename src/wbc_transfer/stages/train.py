@@ -36,11 +36,17 @@ def model_name(arch: str, protocol: str, seed: int) -> str:
     return f"{arch}-{protocol}-{seed}"
 
 
+def input_size(params: Params, arch: str, prepared: int) -> int:
+    """The px the network sees: `train.input_size[arch]`, else the prepared size."""
+    return int((params.train.input_size or {}).get(arch, prepared))
+
+
 def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:
     t = params.train
     name = model_name(arch, protocol, seed)
     out = params.resolve(t.out_dir) / name
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{protocol}.pt")
+    data = data.resized(input_size(params, arch, data.size))
     train_set = data.subset("train")
     val_set = data.subset("val")
     if len(val_set) == 0:

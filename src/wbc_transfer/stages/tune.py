@@ -53,7 +53,9 @@ def main(params: Params, arch: str | None = None, worker: bool = False,
                  len(session.study.trials))
         return None
     try:
-        summary = tuning.finalise(ctx, session, evaluation_sets(params, params.tune.protocol))
+        tests = {name: data for name, data in evaluation_sets(params, params.tune.protocol).items()
+                 if name != "validation"}  # the objective's own cells: not a test set
+        summary = tuning.finalise(ctx, session, tests)
     except BaseException:
         session.client.set_terminated(session.parent_run_id, "FAILED")
         raise
