@@ -246,6 +246,18 @@ def assign_groups(index: pd.DataFrame, images_dir: Path, settings: GroupingSetti
     return groups, cross_block_matches(reps, settings)
 
 
+def match_kind(a: str, b: str) -> str:
+    """How two matched groups '<folder>/<class>/<n>' relate: "cross-class" (two white cells of
+    one photo, or a label error), "original" (a TEST cell and its TEST_SIMPLE original:
+    expected), else "cross-folder" (one cell in TRAIN and a test folder: a leak)."""
+    (folder_a, class_a, _), (folder_b, class_b, _) = a.split("/"), b.split("/")
+    if class_a != class_b:
+        return "cross-class"
+    if {folder_a, folder_b} == {"TEST", "TEST_SIMPLE"}:
+        return "original"
+    return "cross-folder"
+
+
 def cross_block_matches(reps: Sequence[tuple[str, Described]], settings: GroupingSettings,
                         ) -> pd.DataFrame:
     """Pairs of groups from different (folder, class) blocks whose representatives are one
@@ -268,8 +280,7 @@ def cross_block_matches(reps: Sequence[tuple[str, Described]], settings: Groupin
                 n = inliers(reps[pair[0]][1], reps[pair[1]][1])
                 if n >= settings.min_inliers:
                     a, b = reps[pair[0]][0], reps[pair[1]][0]
-                    kind = "cross-folder" if a.split("/")[0] != b.split("/")[0] else "cross-class"
-                    rows.append({"group_a": a, "group_b": b, "inliers": n, "kind": kind})
+                    rows.append({"group_a": a, "group_b": b, "inliers": n, "kind": match_kind(a, b)})
     return pd.DataFrame(rows, columns=["group_a", "group_b", "inliers", "kind"])
 
 

@@ -71,15 +71,14 @@ def sibling_sources(params: Params, index: pd.DataFrame, groups: pd.Series) -> t
 
 
 def unite_across_folders(groups: pd.Series, matches: pd.DataFrame) -> pd.Series:
-    """One id for a cell found in two folders (a cross-folder match of one class): the TRAIN
-    copies take the id of the TEST group, so the splits can keep that cell out of training.
+    """One id for a cell found in two folders (a same-class match across folders): the TRAIN
+    (or TEST_SIMPLE) copies take the id of the TEST group, so the splits keep that cell out of
+    training and a TEST cell and its TEST_SIMPLE original are one cell in the statistics.
     Cross-class matches (two white cells of one photo) keep their ids; they are only listed."""
-    same_class = matches[(matches["kind"] == "cross-folder")
-                         & (matches["group_a"].str.split("/").str[1]
-                            == matches["group_b"].str.split("/").str[1])]
-    rename = {}
-    for a, b in zip(same_class["group_a"], same_class["group_b"], strict=True):
-        keep, drop = sorted((a, b), key=lambda g: not g.startswith("TEST/"))
+    same_cell = matches[matches["kind"].isin(["cross-folder", "original"])]
+    rename: dict[str, str] = {}
+    for a, b in zip(same_cell["group_a"], same_cell["group_b"], strict=True):
+        keep, drop = sorted((a, b), key=lambda g: (not g.startswith("TEST/"), g))
         rename[drop] = rename.get(keep, keep)
     return groups.replace(rename)
 
@@ -121,6 +120,7 @@ def main(params: Params) -> dict[str, object]:
                        "max": int(sizes.max()), "singletons": int((sizes == 1).sum())},
         "synthetic_siblings": siblings,
         "cross_folder_matches": int((matches["kind"] == "cross-folder").sum()),
+        "test_simple_originals_matched": int((matches["kind"] == "original").sum()),
         "cross_class_matches": int((matches["kind"] == "cross-class").sum()),
         "matches": matches.to_dict(orient="records"),
         "file_name_agreement": file_name_agreement(index, groups),
