@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from wbc_transfer import images as decoder
 from wbc_transfer.data import ImageSet, build_image_set
 from wbc_transfer.io import path_text, text_path
+from wbc_transfer.stages import groups as groups_stage
 from wbc_transfer.stages import prepare as prepare_stage
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
@@ -33,9 +34,8 @@ from conftest import CLASSES, IMAGES_SUBDIR
 
 FOLDERS = ("TRAIN", "TEST", "TEST_SIMPLE")
 # split sizes for a copy with 6 TRAIN images per class
-SMALL_SPLIT = {"split__paper__per_class": 4, "split__paper__test_fraction": 0.5,
-               "split__paper__val_per_class": 1, "split__heldout__train_per_class": 3,
-               "split__heldout__val_per_class": 1}
+SMALL_SPLIT = {"split__paper__per_class": 3, "split__paper__test_fraction": 0.5,
+               "split__val_per_class": 1, "split__heldout__train_per_class": 3}
 
 
 @pytest.fixture
@@ -62,9 +62,11 @@ def resized(pixels: np.ndarray, size: int) -> torch.Tensor:
 
 
 def pipeline(root: Path, make_params, policy: str = "lenient"):
-    """validate -> split -> prepare on `root`, as `dvc repro` runs them; returns (params, report)."""
+    """validate -> groups -> split -> prepare on `root`, as `dvc repro` runs them; returns
+    (params, report)."""
     params = make_params(root, validate__policy=policy, **SMALL_SPLIT)
     report = validate_stage.main(params)
+    groups_stage.main(params)
     split_stage.main(params)
     prepare_stage.main(params)
     return params, report
