@@ -85,7 +85,7 @@ def trial_runs(params: Params, parent_run_id: str) -> dict[int, object]:
      r"tune\.space\.head_lr_factor_low .* inverted"),
     ({"tune.trials": 0}, r"tune\.trials must be a whole number >= 1, got 0"),
     ({"tune.epochs": 0}, r"tune\.epochs must be"),
-    ({"tune.space.lr_high": "1e-2"}, r"tune\.space\.lr_high must be a number"),
+    ({"tune.space.lr_high": "abc"}, r"tune\.space\.lr_high must be a number, got .abc."),
     ({"tune.val_fraction": 1.0}, r"tune\.val_fraction must be in \(0, 1\)"),
     ({"tune.pruner.name": "hyperband"}, r"tune\.pruner\.name"),
     ({"tune.storage": "optuna.db"}, r"tune\.storage must be"),
