@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
-from wbc_transfer.data import ImageSet, batches, normalise
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batches, normalise
 from wbc_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,25 @@ def train_one_epoch(
     start_iteration: int = 0,
     amp: torch.dtype | None = None,
 ) -> EpochStats:
-    """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`."""
+    """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`.
+
+    A last batch of one image joins the batch before it (`data.batches`, min_last=2), for
+    every architecture. Raises ValueError when BatchNorm layers would still see a batch of one
+    (batch_size 1, or a single training image).
+    """
     import time
 
+    if (batch_size < MIN_TRAIN_BATCH or len(data) == 1) and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            f"train.batch_size={batch_size} with {len(data)} training image(s): this model has "
+            f"BatchNorm layers, which need at least {MIN_TRAIN_BATCH} images per training "
+            f"batch; set train.batch_size >= {MIN_TRAIN_BATCH}")
     model.train()
     started = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
-    for step, idx in enumerate(batches(len(data), batch_size, generator, shuffle=True), 1):
+    for step, idx in enumerate(batches(len(data), batch_size, generator, shuffle=True,
+                                       min_last=MIN_TRAIN_BATCH), 1):
         # augment and normalise on the training device (the GPU when there is one)
         x = normalise(augment(to_device(data.images[idx], device)), mean, std)
         y = to_device(data.labels[idx], device)

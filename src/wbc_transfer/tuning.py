@@ -48,7 +48,7 @@ from torch import nn
 
 from wbc_transfer import models, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, TrainAugment
+from wbc_transfer.data import ImageSet, TrainAugment, last_batch
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
@@ -281,6 +281,7 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
             "lr": lr, "head_lr_factor": factor, "lr_head": lr * factor,
             "trial_number": trial.number, "baseline": baseline, "epochs": ctx.params.tune.epochs,
             "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
+            "last_batch": last_batch(len(ctx.fit_set), ctx.params.train.batch_size),
         }))
 
         def on_epoch(row: dict[str, float]) -> None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from wbc_transfer import models, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, TrainAugment, normalise
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, TrainAugment, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
@@ -84,11 +84,13 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             mlflow.log_params(tracking.flat_params("", {
                 **resolved, "lr_head": t.lr * t.head_lr_factor, "device": device.type,
                 "validation_split": val_split, "train_images": len(train_set),
-                "validation_images": len(val_set), "git_commit": tracking.git_commit(params.root),
+                "validation_images": len(val_set),
+                "last_batch": last_batch(len(train_set), t.batch_size),
+                "git_commit": tracking.git_commit(params.root),
                 "data_md5": tracking.data_md5(params.root), "split_seed": params.split.seed,
                 **threads,
             }))
-        iterations_per_epoch = -(-len(train_set) // t.batch_size)
+        iterations_per_epoch = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
 
         def validate_now(iteration: int) -> None:
             r = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
