@@ -92,6 +92,29 @@ def run(params: Params, run_id: str | None = None, run_name: str | None = None,
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def unfinished_run(params: Params, tags: dict[str, str]) -> str | None:
+    """The id of the latest FAILED or KILLED run of the project's experiment carrying all
+    `tags` (e.g. a stage killed before its first checkpoint), else None; its rerun continues
+    it instead of opening a second run. RUNNING runs are left alone: another process may own
+    them."""
+    experiment_id = setup(params)
+    condition = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        filter_string=f"{condition} AND attributes.status != 'FINISHED' "
+                      f"AND attributes.status != 'RUNNING' AND attributes.status != 'SCHEDULED'",
+        order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def log_new_params(values: dict[str, str]) -> None:
+    """Log the params the active run does not have yet: a continued run keeps the values of its
+    first attempt (MLflow refuses to change a logged param)."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: v for k, v in values.items() if k not in existing})
+
+
 def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in values.items():

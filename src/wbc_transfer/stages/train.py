@@ -77,11 +77,14 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     tags = {"architecture": arch, "protocol": protocol, "seed": str(seed),
             "weights_source": built.weights_source,
             "pretrained": str(models.is_pretrained(built.weights_source)).lower(),
-            "dvc_stage": f"train@{name}"}
+            "dvc_stage": f"train@{name}", "config_fingerprint": checkpoint.fingerprint}
+    if run_id is None:  # killed before its first checkpoint: continue that run, not a new one
+        run_id = tracking.unfinished_run(params, {"dvc_stage": tags["dvc_stage"],
+                                                  "config_fingerprint": checkpoint.fingerprint})
     with tracking.run(params, run_id=run_id, run_name=name, tags=tags) as active:
         run_id = active.info.run_id
-        if not state:
-            mlflow.log_params(tracking.flat_params("", {
+        if not state:  # a continued run keeps the params of its first attempt
+            tracking.log_new_params(tracking.flat_params("", {
                 **resolved, "lr_head": t.lr * t.head_lr_factor, "device": device.type,
                 "validation_split": val_split, "train_images": len(train_set),
                 "validation_images": len(val_set),

@@ -1,0 +1,148 @@
+"""MLflow runs as an operator meets them: stages killed by SIGTERM/SIGINT, several processes
+opening a fresh store at once, reruns that give the same numbers, what the MLflow UI shows.
+
+Real training (EfficientNet-Lite0 at 32 px on a few dozen real mirror images, random init),
+real MLflow on a temporary SQLite store, real signals and real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from wbc_transfer import cli, tracking
+from wbc_transfer.config import Params, load_params
+from wbc_transfer.data import build_image_set
+from wbc_transfer.stages import evaluate, train
+
+from conftest import CLASSES, class_files, spread, write_params
+
+ARCH = "efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
+    """paper.pt / heldout.pt at 32 px from real mirror images: paper train 7, val 2, test 2
+    per class (28 training images: batch_size 3 leaves a last batch of one); TEST 2/class."""
+    out = tmp_path_factory.mktemp("prepared")
+    paper, heldout = [], []
+    for cls in CLASSES:
+        files = spread(class_files(mirror, "TRAIN", cls), 11)
+        paper += [(f"TRAIN/{cls}/{f.name}", cls, "train" if i < 7 else "val" if i < 9 else "test")
+                  for i, f in enumerate(files)]
+        heldout += [(f"TEST/{cls}/{f.name}", cls, "test")
+                    for f in spread(class_files(mirror, "TEST", cls), 2)]
+    for name, rows in (("paper", paper), ("heldout", heldout)):
+        frame = pd.DataFrame(rows, columns=["path", "label", "split"])
+        build_image_set(frame, mirror, CLASSES, 32).save(out / f"{name}.pt")
+    return out
+
+
+def run_params(repo: Path, prepared: Path, **overrides) -> Params:
+    settings = {
+        "base.tracking_uri": f"sqlite:///{repo / 'mlflow.db'}",
+        "prepare.out_dir": str(prepared), "train.weights": "none", "train.epochs": 2,
+        "train.batch_size": 3, "train.num_threads": 1, "evaluate.max_per_class": None,
+        "compare.bootstrap": 20,
+    }
+    settings.update(overrides)
+    return load_params(write_params(repo, "unused", **settings))
+
+
+def stage_runs(params: Params, stage: str) -> list:
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment)
+    return client.search_runs([experiment.experiment_id], f"tags.dvc_stage = '{stage}'")
+
+
+def cli_args(params: Params, stage: str, seed: int) -> list[str]:
+    return ["--params", str(params.root / "params.yaml"), stage, "--arch", ARCH,
+            "--protocol", "paper", "--seed", str(seed)]
+
+
+# --- 9: SIGTERM / SIGINT ---------------------------------------------------------------------
+
+def test_sigterm_marks_the_training_run_failed_and_the_rerun_continues_it(tmp_path, prepared):
+    """A real `wbc-transfer train` process, killed with SIGTERM while its run is open."""
+    params = run_params(tmp_path, prepared)
+    tracking.setup(params)  # the store exists before the process starts
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", *cli_args(params, "train", 5)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not [r for r in stage_runs(params, f"train@{ARCH}-paper-5")
+               if r.info.status == "RUNNING"]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no RUNNING run seen; output:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    [killed] = stage_runs(params, f"train@{ARCH}-paper-5")
+    assert killed.info.status == "FAILED"  # was RUNNING forever
+
+    info = train.main(params, arch=ARCH, protocol="paper", seed=5)
+    [run] = stage_runs(params, f"train@{ARCH}-paper-5")  # no second run
+    assert run.info.run_id == killed.info.run_id == info["run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["last_batch"].startswith("merged: 1 image(s)")  # 28 = 8 x 3 + 4
+
+
+def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
+        tmp_path, prepared, monkeypatch):
+    """Ctrl-C (a real SIGINT to this process) during the first epoch, through the CLI: no
+    checkpoint exists yet, and the rerun still continues the FAILED run."""
+    params = run_params(tmp_path, prepared)
+    original = train.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises here
+        pytest.fail("SIGINT did not interrupt")
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    assert cli.main(cli_args(params, "train", 6)) == 128 + signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    checkpoint = params.resolve(params.train.checkpoint_dir) / f"{ARCH}-paper-6" / "last.pt"
+    assert not checkpoint.exists()
+    [killed] = stage_runs(params, f"train@{ARCH}-paper-6")
+    assert killed.info.status == "FAILED"
+
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    assert cli.main(cli_args(params, "train", 6)) == 0
+    [run] = stage_runs(params, f"train@{ARCH}-paper-6")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    steps = MlflowClient(tracking.tracking_uri(params)).get_metric_history(
+        run.info.run_id, "train_loss")
+    assert [m.step for m in steps] == [1, 2]
+
+    # evaluate opens the same run: SIGTERM there marks it FAILED, the rerun finishes it
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM did not interrupt")
+
+    score = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", terminated)
+    assert cli.main(cli_args(params, "evaluate", 6)) == 128 + signal.SIGTERM
+    assert MlflowClient(tracking.tracking_uri(params)).get_run(
+        run.info.run_id).info.status == "FAILED"
+    monkeypatch.setattr(evaluate, "evaluate", score)
+    assert cli.main(cli_args(params, "evaluate", 6)) == 0
+    assert MlflowClient(tracking.tracking_uri(params)).get_run(
+        run.info.run_id).info.status == "FINISHED"
