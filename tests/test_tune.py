@@ -4,8 +4,10 @@ for real on a few dozen real mirror images at 32 px, 1-2 epochs per trial."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -231,6 +233,38 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
     assert trials[2].params != trials[1].params  # the resumed sampler does not redraw them
     assert sorted(trial_runs(params, session.parent_run_id)) == [0, 1, 2, 3]
     assert tuning.search(tuning.load_context(params, ARCH)).study.trials[-1].number == 3
+
+
+def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
+    """A real `wbc-transfer tune` process gets SIGTERM during trial 1: its MLflow runs end
+    FAILED (they stayed RUNNING forever), the Optuna trial FAIL, and the rerun continues."""
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 2})
+    tracking.setup(params)
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
+                                                              "OPTUNA_STORAGE"}}
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", "--params",
+                             str(tmp_path / "params.yaml"), "tune", "--arch", ARCH],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment).experiment_id
+    deadline = time.monotonic() + 240
+    while not client.search_runs([experiment], "tags.trial_number = '1' AND "
+                                 "attributes.status = 'RUNNING'"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"trial 1 never ran; output:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    [parent] = client.search_runs([experiment], "tags.role = 'study'")
+    assert parent.info.status == "FAILED"
+    trials = trial_runs(params, parent.info.run_id)
+    assert trials[0].info.status == "FINISHED"
+    assert trials[1].info.status == "FAILED" and trials[1].data.tags["trial_state"] == "failed"
+    session = tuning.open_study(tuning.load_context(params, ARCH))
+    assert [t.state for t in session.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert session.parent_run_id == parent.info.run_id  # a rerun continues the same study
 
 
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, tiny):
