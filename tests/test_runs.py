@@ -148,3 +148,44 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
     assert cli.main(cli_args(params, "evaluate", 6)) == 0
     assert MlflowClient(tracking.tracking_uri(params)).get_run(
         run.info.run_id).info.status == "FINISHED"
+
+
+# --- 10: several processes on a fresh store ---------------------------------------------------
+
+FIRST_USE = """
+import sys, time
+from pathlib import Path
+import mlflow
+from wbc_transfer import tracking
+from wbc_transfer.config import load_params
+
+params = load_params(sys.argv[1])
+barrier = Path(sys.argv[2])
+(barrier / sys.argv[3]).touch()
+while len(list(barrier.iterdir())) < 4:  # all four begin at the same moment
+    time.sleep(0.001)
+with tracking.run(params, run_name=f"worker-{sys.argv[3]}"):
+    mlflow.log_param("worker", sys.argv[3])
+"""
+
+
+def test_four_processes_open_a_fresh_store_at_once(tmp_path):
+    """Parallel `dvc exp` / tuning workers on a new mlflow.db: all four succeed (3 of 4 died in
+    MLflow's schema migration or experiment creation: "duplicate column name", "table ...
+    already exists", "Online migration expected to match one row")."""
+    params = load_params(write_params(tmp_path, "unused", **{
+        "base.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    barrier = tmp_path / "ready"  # each worker says it has imported mlflow, then waits
+    barrier.mkdir()
+    workers = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(tmp_path / "params.yaml"),
+                                 str(barrier), str(i)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    outputs = [w.communicate(timeout=180)[0] for w in workers]
+    failed = [out[-600:] for w, out in zip(workers, outputs, strict=True) if w.returncode]
+    assert not failed, failed
+    client = MlflowClient(tracking.tracking_uri(params))
+    [experiment] = [e for e in client.search_experiments() if e.name == params.base.experiment]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["worker"] for r in runs) == ["0", "1", "2", "3"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -11,7 +11,9 @@ from typing import Any
 
 import mlflow
 import yaml
+from filelock import FileLock
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from wbc_transfer.config import Params
 
@@ -43,15 +45,41 @@ def artifact_location(params: Params) -> str:
     return (home_root(params.root) / "mlruns").as_uri()
 
 
+def store_lock(uri: str, timeout_s: float = 300.0) -> contextlib.AbstractContextManager[Any]:
+    """An inter-process lock for the first use of a SQLite store (a `FileLock` on
+    `<db>.lock` beside the database); a no-op for other stores, which handle concurrency
+    themselves. Without it, processes opening a fresh mlflow.db at once race in MLflow's schema
+    migrations ("duplicate column name", "table ... already exists")."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return contextlib.nullcontext()
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock", timeout=timeout_s)
+
+
 def setup(params: Params) -> str:
-    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id.
+
+    Safe when several processes do it at once on a fresh store (parallel `dvc exp` or tuning
+    workers): creating the schema and the experiment happens under `store_lock`, and an
+    experiment created meanwhile by another client (a server store) is looked up again.
+    """
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     name = params.base.experiment
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location(params))
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(name)  # first use creates the schema
+        if experiment is None:
+            try:
+                experiment_id = mlflow.create_experiment(
+                    name, artifact_location=artifact_location(params))
+            except MlflowException:
+                experiment = mlflow.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
