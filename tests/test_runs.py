@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from wbc_transfer import cli, tracking
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.data import build_image_set
-from wbc_transfer.stages import evaluate, train
+from wbc_transfer.stages import evaluate, prepare, train
 
 from conftest import CLASSES, class_files, spread, write_params
 
@@ -189,3 +189,56 @@ def test_four_processes_open_a_fresh_store_at_once(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["worker"] for r in runs) == ["0", "1", "2", "3"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# --- 12: reruns give the same bytes ---------------------------------------------------------
+
+def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
+    """torch.save into the temporary file recorded its random name in the archive: every
+    `prepare` wrote other bytes, and dvc.lock changed on a rerun of the same commit."""
+    params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32}))
+    images = params.images_dir
+    for protocol, folder in (("paper", "TRAIN"), ("heldout", "TEST")):
+        rows = [(f"{folder}/{c}/{f.name}", c, "train" if i % 3 else "test")
+                for c in CLASSES for i, f in enumerate(class_files(images, folder, c)[:6])]
+        manifest = params.resolve(params.split.out_dir) / f"{protocol}.csv"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(manifest, index=False)
+    outputs = []
+    for name in ("first", "second"):
+        rerun = load_params(write_params(tmp_path, mini_dataset, **{
+            "prepare.image_size": 32, "prepare.out_dir": f"prepared-{name}"}))
+        prepare.main(rerun)
+        outputs.append({p: (rerun.resolve(rerun.prepare.out_dir) / f"{p}.pt").read_bytes()
+                        for p in prepare.PROTOCOLS})
+    for protocol in prepare.PROTOCOLS:
+        assert outputs[0][protocol] == outputs[1][protocol], protocol
+
+
+def test_two_tiny_trainings_give_identical_metrics(tmp_path, prepared):
+    """Same inputs, code and params on the same device: the files DVC compares are equal to
+    the byte (metrics.json carried the images/s timing, evaluate's metrics.json the run id)."""
+    files = []
+    for name in ("first", "second"):
+        params = run_params(tmp_path, prepared, **{
+            "train.epochs": 1, "train.out_dir": f"train-{name}", "evaluate.out_dir": f"eval-{name}"})
+        info = train.main(params, arch=ARCH, protocol="paper", seed=9)
+        evaluate.main(params, arch=ARCH, protocol="paper", seed=9)
+        train_out = params.resolve(params.train.out_dir) / f"{ARCH}-paper-9"
+        eval_out = params.resolve(params.evaluate.out_dir) / f"{ARCH}-paper-9"
+        files.append({"train metrics": (train_out / "metrics.json").read_bytes(),
+                      "history": (train_out / "history.csv").read_bytes(),
+                      "eval metrics": (eval_out / "metrics.json").read_bytes(),
+                      "predictions": (eval_out / "predictions" / "TEST.csv").read_bytes(),
+                      "run_id": info["run_id"]})
+    first, second = files
+    assert first.pop("run_id") != second.pop("run_id")  # two MLflow runs ...
+    assert first == second  # ... the same numbers, the same bytes
+    assert b"run_id" not in first["eval metrics"]
+    client = MlflowClient(tracking.tracking_uri(params))
+    runs = stage_runs(params, f"train@{ARCH}-paper-9")
+    assert len(runs) == 2 and {r.data.params["deterministic"] for r in runs} == {"True"}
+    metrics = [{k: v for k, v in r.data.metrics.items() if k != "train_images_per_s"}
+               for r in runs]
+    assert metrics[0] == metrics[1] and "paper_test_accuracy" in metrics[0]
+    assert client.get_run(runs[0].info.run_id).info.status == "FINISHED"

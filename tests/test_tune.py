@@ -3,6 +3,7 @@ for real on a few dozen real mirror images at 32 px, 1-2 epochs per trial."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,7 +159,11 @@ def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, ti
     assert len(pd.read_csv(out / "trials.csv")) == 3
 
     client = MlflowClient(tracking.tracking_uri(params))
-    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert "mlflow_parent_run_id" not in summary and "mlflow_run_id" not in pd.read_csv(
+        out / "trials.csv").columns  # run ids live in runs.json, not in DVC's metrics/plots
+    runs = json.loads((out / "runs.json").read_text())
+    assert [t["number"] for t in runs["trials"]] == [0, 1, 2]
+    parent = client.get_run(runs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna_study"] == summary["study_name"]
     best_val = summary["best"]["val_f1_macro"]

@@ -19,7 +19,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from wbc_transfer.io import atomic_write
+from wbc_transfer.io import write_torch
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ImageSet:
             "images": self.images, "labels": self.labels, "paths": self.paths,
             "splits": self.splits, "classes": self.classes,
         }
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        write_torch(path, payload)  # same tensors, same bytes (DVC sees no change)
 
     @classmethod
     def load(cls, path: Path) -> ImageSet:

@@ -33,13 +33,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def configure_torch(num_threads: int = 0) -> dict[str, Any]:
-    """Explicit, logged thread and denormal settings (denormals silently slow CPU training)."""
+def configure_torch(num_threads: int = 0, deterministic: bool = True) -> dict[str, Any]:
+    """Explicit, logged thread, denormal and determinism settings (denormals silently slow CPU
+    training).
+
+    `deterministic`: the same inputs give the same numbers on the same device and thread count
+    (torch.use_deterministic_algorithms, warn-only for the few CUDA ops without a deterministic
+    kernel; cuDNN autotuning off; CUBLAS_WORKSPACE_CONFIG as cuBLAS requires, set before any
+    CUDA work). On the CPU the results still depend on the thread count (oneDNN splits its
+    reductions by thread): `torch_threads` is returned for the MLflow params. Cost measured in
+    bench/NOTES.md.
+    """
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.set_flush_denormal(True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick other kernels on each run
+    torch.backends.cudnn.deterministic = deterministic
     return {"torch_threads": torch.get_num_threads(), "flush_denormal": True,
-            "torch_version": torch.__version__}
+            "deterministic": deterministic, "torch_version": torch.__version__}
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

@@ -91,7 +91,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 mlflow.log_artifact(str(artifact), artifact_path="evaluation")
             log.info("%s on %s: accuracy %.3f, macro-F1 %.3f (n=%d)", name, set_name,
                      scores["accuracy"], scores["f1_macro"], scores["n"])
-    summary = {"model": name, "run_id": info["run_id"], "architecture": arch,
+    # the run id changes with every training run: beside the metrics, not in them (DVC compares
+    # metrics.json across runs and experiments)
+    write_json(out / "run.json", {"model": name, "run_id": info["run_id"]})
+    summary = {"model": name, "architecture": arch,
                "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
                "bootstrap": bootstrap_settings(params), "sets": results}
     write_json(out / "metrics.json", summary)

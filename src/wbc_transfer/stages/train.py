@@ -26,7 +26,7 @@ from wbc_transfer.engine import (
     seed_everything,
     train_one_epoch,
 )
-from wbc_transfer.io import atomic_write, write_csv, write_json
+from wbc_transfer.io import write_csv, write_json, write_torch
 from wbc_transfer.plots import training_curves
 from wbc_transfer.serving import pip_requirements
 
@@ -128,16 +128,19 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                            f"acc {val.accuracy:.3f} F1 {val.f1_macro:.3f}")
         progress.close()
 
-        frame = pd.DataFrame(history)
+        # throughput is a timing, different on every run: MLflow only, not in DVC's files
+        frame = pd.DataFrame(history).drop(columns=["train_images_per_s"], errors="ignore")
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).eval()
-        atomic_write(out / "model.pt", lambda tmp: torch.save(model_cpu.state_dict(), tmp))
+        write_torch(out / "model.pt", model_cpu.state_dict())
         write_csv(out / "history.csv", frame)
         info = {"run_id": run_id, "architecture": arch, "protocol": protocol, "seed": seed,
                 "weights_source": built.weights_source, "image_size": data.size,
                 "mean": list(built.mean), "std": list(built.std), "classes": data.classes,
                 "validation_split": val_split}
         write_json(out / "run.json", info)
-        write_json(out / "metrics.json", {**history[-1], "weights_source": built.weights_source})
+        write_json(out / "metrics.json", {**{k: v for k, v in history[-1].items()
+                                             if k in frame.columns},
+                                          "weights_source": built.weights_source})
         curves = training_curves(frame, f"{name} ({built.weights_source})", out / "curves.png")
         mlflow.log_artifact(str(curves))
         mlflow.log_artifact(str(out / "history.csv"))
