@@ -7,6 +7,7 @@ real MLflow on a temporary SQLite store, real signals and real processes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -48,13 +49,16 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     for name, rows in (("paper", paper), ("heldout", heldout)):
         frame = pd.DataFrame(rows, columns=["path", "label", "split"])
         build_image_set(frame, mirror, CLASSES, 32).save(out / f"{name}.pt")
+        (out / "splits").mkdir(exist_ok=True)
+        frame.to_csv(out / "splits" / f"{name}.csv", index=False)  # the split stage's manifests
     return out
 
 
 def run_params(repo: Path, prepared: Path, **overrides) -> Params:
     settings = {
         "base.tracking_uri": f"sqlite:///{repo / 'mlflow.db'}",
-        "prepare.out_dir": str(prepared), "train.weights": "none", "train.epochs": 2,
+        "prepare.out_dir": str(prepared), "split.out_dir": str(prepared / "splits"),
+        "train.weights": "none", "train.epochs": 2,
         "train.batch_size": 3, "train.num_threads": 1, "evaluate.max_per_class": None,
         "compare.bootstrap": 20,
     }
@@ -242,3 +246,36 @@ def test_two_tiny_trainings_give_identical_metrics(tmp_path, prepared):
                for r in runs]
     assert metrics[0] == metrics[1] and "paper_test_accuracy" in metrics[0]
     assert client.get_run(runs[0].info.run_id).info.status == "FINISHED"
+
+
+# --- 13: what the MLflow UI shows ------------------------------------------------------------
+
+def test_the_experiment_holds_training_runs_with_their_datasets(tmp_path, prepared):
+    """The UI opened on its GenAI view (traces) and the runs table's Dataset column was empty."""
+    params = run_params(tmp_path, prepared, **{"train.epochs": 1})
+    train.main(params, arch=ARCH, protocol="paper", seed=3)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    [run] = stage_runs(params, f"train@{ARCH}-paper-3")
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["paper-test", "paper-train", "paper-val"]
+    manifest = prepared / "splits" / "paper.csv"
+    md5 = hashlib.md5(manifest.read_bytes()).hexdigest()  # what dvc.lock records for it
+    contexts = {}
+    for name, item in inputs.items():
+        assert item.dataset.digest == md5
+        assert str(manifest) in item.dataset.source
+        contexts[name] = {t.key: t.value for t in item.tags}["mlflow.data.context"]
+    assert contexts == {"paper-train": "training", "paper-val": "validation",
+                        "paper-test": "testing"}
+    assert '"num_rows": 28' in inputs["paper-train"].dataset.profile  # 7 per class
+
+    assert tracking.ui_url(params).endswith(
+        f"/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
+
+    # an experiment made before this change gets the tag on its next use
+    client.delete_experiment_tag(experiment.experiment_id, "mlflow.experimentKind")
+    tracking.setup(params)
+    assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"

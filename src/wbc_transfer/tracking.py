@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import yaml
 from filelock import FileLock
 from mlflow.entities import RunStatus
@@ -39,6 +42,21 @@ def tracking_uri(params: Params) -> str:
     if params.base.tracking_uri:
         return params.base.tracking_uri
     return f"sqlite:///{home_root(params.root) / 'mlflow.db'}"
+
+
+# The MLflow 3 UI opens an experiment on its GenAI view (traces, token usage) unless the
+# experiment says it holds model training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+# MLflow 3.17's UI picks its GenAI or model-training view from a browser-side switch (default
+# GenAI, kept in localStorage), not from the tag above (mlflow/mlflow#24498); this URL parameter
+# opens the training view.
+UI_TRAINING_VIEW = "?workflowType=machine_learning"
+
+# manifest split -> MLflow dataset context (the runs table's Dataset column)
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing",
+                    "test_simple": "testing"}
 
 
 def artifact_location(params: Params) -> str:
@@ -72,7 +90,8 @@ def setup(params: Params) -> str:
         if experiment is None:
             try:
                 experiment_id = mlflow.create_experiment(
-                    name, artifact_location=artifact_location(params))
+                    name, artifact_location=artifact_location(params),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:
                 experiment = mlflow.get_experiment_by_name(name)
                 if experiment is None:
@@ -80,8 +99,16 @@ def setup(params: Params) -> str:
                 experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG,
+                                                         EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def ui_url(params: Params, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of the project's experiment, on its training runs view."""
+    return f"{server.rstrip('/')}/#/experiments/{setup(params)}{UI_TRAINING_VIEW}"
 
 
 def git_commit(root: Path) -> str:
@@ -141,6 +168,29 @@ def log_new_params(values: dict[str, str]) -> None:
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     mlflow.log_params({k: v for k, v in values.items() if k not in existing})
+
+
+def log_datasets(manifest: Path, rows: pd.DataFrame, protocol: str) -> list[str]:
+    """Log each split of `rows` (columns path, label, split: the images a run used) as an MLflow
+    dataset input of the active run: name `<protocol>-<split>`, context training / validation /
+    testing, source the manifest file, digest the md5 DVC records for it in dvc.lock (else,
+    when the manifest is not there, MLflow's digest of the rows). Returns the names logged."""
+    import mlflow.data
+
+    digest = hashlib.md5(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    names = []
+    for split, context in DATASET_CONTEXTS.items():
+        subset = rows[rows["split"] == split].reset_index(drop=True)
+        if subset.empty:
+            continue
+        name = f"{protocol}-{split}"
+        with warnings.catch_warnings():  # MLflow registers two equal local-file sources
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(subset, source=str(manifest), name=name,
+                                              targets="label", digest=digest)
+        mlflow.log_input(dataset, context=context)
+        names.append(name)
+    return names
 
 
 def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:

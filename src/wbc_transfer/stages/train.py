@@ -93,6 +93,11 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 "data_md5": tracking.data_md5(params.root), "split_seed": params.split.seed,
                 **threads,
             }))
+            tracking.log_datasets(
+                params.resolve(params.split.out_dir) / f"{protocol}.csv",
+                pd.DataFrame({"path": data.paths, "split": data.splits,
+                              "label": [data.classes[i] for i in data.labels.tolist()]}),
+                protocol)
         iterations_per_epoch = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
 
         def validate_now(iteration: int) -> None:
