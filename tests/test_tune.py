@@ -252,9 +252,11 @@ def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(tracking.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.base.experiment).experiment_id
+    started_ms = int(time.time() * 1000)  # the module's store holds other tests' runs too
     deadline = time.monotonic() + 240
-    while not client.search_runs([experiment], "tags.trial_number = '1' AND "
-                                 "attributes.status = 'RUNNING'"):
+    while not (running := client.search_runs(
+            [experiment], f"tags.trial_number = '1' AND attributes.status = 'RUNNING' "
+                          f"AND attributes.start_time >= {started_ms}")):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"trial 1 never ran; output:\n{proc.communicate()[0][-3000:]}")
@@ -262,7 +264,7 @@ def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
-    [parent] = client.search_runs([experiment], "tags.role = 'study'")
+    parent = client.get_run(running[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
     trials = trial_runs(params, parent.info.run_id)
     assert trials[0].info.status == "FINISHED"
