@@ -24,7 +24,7 @@ from wbc_transfer.config import Params, load_params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.stages import evaluate, prepare, train
 
-from conftest import CLASSES, class_files, spread, write_params
+from conftest import CLASSES, class_files, spread, terminate_when, write_params
 
 ARCH = "efficientnet_lite0"
 
@@ -86,15 +86,8 @@ def test_sigterm_marks_the_training_run_failed_and_the_rerun_continues_it(tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", *cli_args(params, "train", 5)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not [r for r in stage_runs(params, f"train@{ARCH}-paper-5")
-               if r.info.status == "RUNNING"]:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no RUNNING run seen; output:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    _, output = terminate_when(proc, lambda: [r for r in stage_runs(params, f"train@{ARCH}-paper-5")
+                                              if r.info.status == "RUNNING"], "a RUNNING run")
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert "stopped by SIGTERM" in output
     [killed] = stage_runs(params, f"train@{ARCH}-paper-5")

@@ -23,7 +23,7 @@ from wbc_transfer.config import ConfigError, Params, load_params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.stages import tune
 
-from conftest import CLASSES, REPO_ROOT, class_files, spread, write_params
+from conftest import CLASSES, REPO_ROOT, class_files, spread, terminate_when, write_params
 
 ARCH = "efficientnet_lite0"
 
@@ -253,16 +253,9 @@ def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     client = MlflowClient(tracking.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.base.experiment).experiment_id
     started_ms = int(time.time() * 1000)  # the module's store holds other tests' runs too
-    deadline = time.monotonic() + 240
-    while not (running := client.search_runs(
-            [experiment], f"tags.trial_number = '1' AND attributes.status = 'RUNNING' "
-                          f"AND attributes.start_time >= {started_ms}")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"trial 1 never ran; output:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    running, output = terminate_when(proc, lambda: client.search_runs(
+        [experiment], f"tags.trial_number = '1' AND attributes.status = 'RUNNING' "
+                      f"AND attributes.start_time >= {started_ms}"), "trial 1 running")
     assert proc.returncode == 128 + signal.SIGTERM, output
     parent = client.get_run(running[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
