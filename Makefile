@@ -43,4 +43,6 @@ lint:
 	ruff check src tests bench
 
 ui:  ## browse runs, curves, confusion matrices and the registry
+	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
+	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

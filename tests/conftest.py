@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,21 @@ def mini_dataset(tmp_path_factory: pytest.TempPathFactory, kaggle_copy) -> Path:
     """Session-wide small real copy: 40 TRAIN and 12 TEST images per class. Read-only."""
     return kaggle_copy(tmp_path_factory.mktemp("mini") / "blood-cells",
                        train_per_class=40, test_per_class=12)
+
+
+def terminate_when(proc: subprocess.Popen, found: Callable[[], Any], what: str,
+                   signum: int = signal.SIGTERM, timeout_s: float = 240) -> tuple[Any, str]:
+    """Poll `found()` every 0.1 s while `proc` runs; once it returns something truthy, send
+    `signum` to `proc` and wait for it. Returns (what found() returned, proc's output). Fails
+    the test, with the output, if `proc` ends first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := found()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what} never seen; output:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    return result, proc.communicate(timeout=120)[0]
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -101,8 +101,12 @@ def server(champion, tmp_path_factory):
 
 
 def invoke(url: str, images: list[bytes], params: dict | None = None) -> list[dict]:
-    payload = {"dataframe_split": {
-        "columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in images]}}
+    return invoke_text(url, [base64.b64encode(b).decode("ascii") for b in images], params)
+
+
+def invoke_text(url: str, cells: list, params: dict | None = None) -> list[dict]:
+    """POST one `dataframe_split` batch whose image cells are sent as given (base64 text)."""
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}
     if params:
         payload["params"] = params
     request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
@@ -155,3 +159,23 @@ def test_served_champion_applies_exif_orientation_and_scales_16_bit(mirror, serv
         assert odd["error"] == "" and odd["predicted"] == twin["predicted"]
         for c in PROB_COLUMNS:
             assert odd[c] == pytest.approx(twin[c], abs=1e-6)
+
+
+def test_a_bad_base64_row_gets_its_error_and_the_others_are_classified(mirror, champion, server,
+                                                                       tmp_path, capsys):
+    """One invalid row used to answer 400 for the whole batch, naming no row."""
+    files = real_images(mirror, tmp_path / "cells", per_class=1)[:3]
+    good = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+    cells = [good[0], "this is not base64!", good[1], good[2][:-3], None,
+             base64.encodebytes(files[2].read_bytes()).decode("ascii")]  # MIME line breaks: fine
+    served = invoke_text(server, cells)
+    assert len(served) == len(cells)
+    cli = cli_rows([files[0], files[1], files[2]], champion.tracking_uri, capsys)
+    for http, row in zip([served[0], served[2], served[5]], cli, strict=True):
+        assert http["error"] == "" and http["predicted"] == row["predicted"] in CLASSES
+        for c in PROB_COLUMNS:
+            assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
+    for bad, reason in ((served[1], "not valid base64"), (served[3], "not valid base64"),
+                        (served[4], "no image data")):
+        assert reason in bad["error"] and bad["predicted"] is None
+        assert all(bad[c] is None for c in PROB_COLUMNS)

@@ -3,9 +3,12 @@ for real on a few dozen real mirror images at 32 px, 1-2 epochs per trial."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -20,7 +23,7 @@ from wbc_transfer.config import ConfigError, Params, load_params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.stages import tune
 
-from conftest import CLASSES, REPO_ROOT, class_files, spread, write_params
+from conftest import CLASSES, REPO_ROOT, class_files, spread, terminate_when, write_params
 
 ARCH = "efficientnet_lite0"
 
@@ -85,7 +88,7 @@ def trial_runs(params: Params, parent_run_id: str) -> dict[int, object]:
      r"tune\.space\.head_lr_factor_low .* inverted"),
     ({"tune.trials": 0}, r"tune\.trials must be a whole number >= 1, got 0"),
     ({"tune.epochs": 0}, r"tune\.epochs must be"),
-    ({"tune.space.lr_high": "1e-2"}, r"tune\.space\.lr_high must be a number"),
+    ({"tune.space.lr_high": "abc"}, r"tune\.space\.lr_high must be a number, got .abc."),
     ({"tune.pruner.name": "hyperband"}, r"tune\.pruner\.name"),
     ({"tune.storage": "optuna.db"}, r"tune\.storage must be"),
 ])
@@ -155,7 +158,11 @@ def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, ti
     assert len(pd.read_csv(out / "trials.csv")) == 3
 
     client = MlflowClient(tracking.tracking_uri(params))
-    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert "mlflow_parent_run_id" not in summary and "mlflow_run_id" not in pd.read_csv(
+        out / "trials.csv").columns  # run ids live in runs.json, not in DVC's metrics/plots
+    runs = json.loads((out / "runs.json").read_text())
+    assert [t["number"] for t in runs["trials"]] == [0, 1, 2]
+    parent = client.get_run(runs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna_study"] == summary["study_name"]
     best_val = summary["best"]["val_f1_macro"]
@@ -230,6 +237,33 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
     assert trials[2].params != trials[1].params  # the resumed sampler does not redraw them
     assert sorted(trial_runs(params, session.parent_run_id)) == [0, 1, 2, 3]
     assert tuning.search(tuning.load_context(params, ARCH)).study.trials[-1].number == 3
+
+
+def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
+    """A real `wbc-transfer tune` process gets SIGTERM during trial 1: its MLflow runs end
+    FAILED (they stayed RUNNING forever), the Optuna trial FAIL, and the rerun continues."""
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 2})
+    tracking.setup(params)
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
+                                                              "OPTUNA_STORAGE"}}
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", "--params",
+                             str(tmp_path / "params.yaml"), "tune", "--arch", ARCH],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment).experiment_id
+    started_ms = int(time.time() * 1000)  # the module's store holds other tests' runs too
+    running, output = terminate_when(proc, lambda: client.search_runs(
+        [experiment], f"tags.trial_number = '1' AND attributes.status = 'RUNNING' "
+                      f"AND attributes.start_time >= {started_ms}"), "trial 1 running")
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    parent = client.get_run(running[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    trials = trial_runs(params, parent.info.run_id)
+    assert trials[0].info.status == "FINISHED"
+    assert trials[1].info.status == "FAILED" and trials[1].data.tags["trial_state"] == "failed"
+    session = tuning.open_study(tuning.load_context(params, ARCH))
+    assert [t.state for t in session.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert session.parent_run_id == parent.info.run_id  # a rerun continues the same study
 
 
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, tiny):

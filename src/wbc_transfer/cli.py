@@ -5,14 +5,56 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from wbc_transfer.config import ConfigError, load_params
 
 STAGES = ("validate", "groups", "split", "prepare", "weights", "train", "evaluate", "compare",
           "promote", "tune")
 COMMAND_MODULES = {"check-weights": "weights"}  # sub-command -> stages/<module>.py when they differ
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGINT as an exception: every `except BaseException`/`finally` on the way
+    out runs, so a stage's MLflow run (train, evaluate) or Optuna trial and parent run (tune)
+    ends FAILED instead of RUNNING forever. A KeyboardInterrupt, so Optuna treats it like Ctrl-C.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def signals_as_exceptions() -> Callable[[], None]:
+    """From now on SIGTERM (what DVC, schedulers and `kill` send) and SIGINT raise `Terminated`
+    once; a repeated signal while that unwinds is logged and ignored, so the clean-up finishes.
+    A signal the process inherited as ignored stays ignored. Main thread only (elsewhere a
+    no-op). Returns the function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            logging.getLogger(__name__).warning(
+                "%s again: still closing the run, please wait", signal.Signals(signum).name)
+            return
+        received.append(signum)
+        raise Terminated(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+    return restore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    restore_signals = signals_as_exceptions()
     try:
         if args.command == "download-data":
             from wbc_transfer.download import download
@@ -90,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wbc-transfer: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"wbc-transfer {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("wbc-transfer: interrupted", file=sys.stderr)
         return 130
@@ -98,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"wbc-transfer {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        restore_signals()
     return 0
 
 

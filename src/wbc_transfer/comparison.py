@@ -43,6 +43,8 @@ def collect(params: Params) -> pd.DataFrame:
         if not file.is_file():
             raise FileNotFoundError(f"{file} missing: run `dvc repro` (evaluate stages) first")
         summary = read_json(file)
+        run_file = file.with_name("run.json")  # the MLflow run id (older outputs: metrics.json)
+        run_id = read_json(run_file)["run_id"] if run_file.is_file() else summary.get("run_id")
         current = summary.get("bootstrap") == settings
         for eval_set, scores in summary["sets"].items():
             ci = scores.get("ci", {}) if current else {}
@@ -55,7 +57,7 @@ def collect(params: Params) -> pd.DataFrame:
                     "n": scores["n"], "n_cells": scores.get("n_cells", scores["n"]),
                     "cell_accuracy": scores.get("cell_accuracy", np.nan),
                     "weights_source": summary["weights_source"],
-                    "recipe": summary.get("recipe", "paper"), "run_id": summary["run_id"],
+                    "recipe": summary.get("recipe", "paper"), "run_id": run_id,
                 })
     return pd.DataFrame(rows)
 

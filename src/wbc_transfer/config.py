@@ -7,10 +7,12 @@ including the temporary copies made by `dvc exp run --temp/--queue`.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -217,22 +219,98 @@ class Params:
 
 
 def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys."""
+    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys and converting
+    each value to its field's declared type (see `_coerce`). `where`: the dotted section name
+    ("train", "tune.space") that errors name."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of parameters, got {values!r}")
     values = dict(values or {})
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown parameter(s) {unknown}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        default = getattr(cls(), name) if name in known else None
-        if hasattr(default, "__dataclass_fields__"):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+    hints = get_type_hints(cls)
+    return cls(**{name: _coerce(value, hints[name], f"{where}.{name}")
+                  for name, value in values.items()})
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if get_origin(hint) is tuple:
+        return "a list"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` as the type `hint` of parameter `name`, or ConfigError naming the parameter.
+
+    Numbers may come as text: YAML 1.1 (PyYAML) reads `2e-05` (what `dvc exp run -S
+    train.lr=0.00002` writes), `1e-4` or `1E-3` as strings; they are parsed here. Whole numbers
+    accept integral floats (`1e3`). Lists become tuples, nested sections nested dataclasses.
+    """
+    if is_dataclass(hint):
+        return _build(hint, value, name)
+    if get_origin(hint) in (Union, UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        others = [o for o in options if o is not type(None)]
+        for option in others:
+            try:
+                return _coerce(value, option, name)
+            except ConfigError:
+                pass
+        expected = " or ".join(_describe(o) for o in others)
+        nullable = " or null" if type(None) in options else ""
+        raise ConfigError(f"{name} must be {expected}{nullable}, got {value!r}")
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping ({{key: value}}), got {value!r}")
+        item = get_args(hint)[1]
+        return {k: _coerce(v, item, f"{name}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        number = _as_number(value)
+        if number is None:
+            raise ConfigError(f"{name} must be {_describe(hint)}, got {value!r}")
+        if hint is float:
+            return float(number)
+        if number != int(number):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _as_number(value: Any) -> int | float | None:
+    """An int/float (not bool), or text that parses as one (`2e-05`, `1E-3`); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -253,10 +331,13 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
         raise ConfigError(f"parameter file not found: {file}")
     raw = yaml.safe_load(file.read_text()) or {}
     sections = {f.name for f in fields(Params)} - {"root", "raw"}
+    hints = get_type_hints(Params)
     kwargs: dict[str, Any] = {}
-    for name in sections:
-        default = getattr(Params(root=Path()), name)
-        kwargs[name] = _build(type(default), raw.get(name), f"{file.name}:{name}")
+    try:
+        for name in sections:
+            kwargs[name] = _build(hints[name], raw.get(name), name)
+    except ConfigError as exc:
+        raise ConfigError(f"{file.name}: {exc}") from None
     params = Params(root=file.resolve().parent, raw=raw, **kwargs)
     check(params)
     return params
@@ -326,33 +407,12 @@ def check(params: Params) -> None:
         raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def check_tune(tune: TuneParams) -> list[str]:
     """Problems of the `tune` section, each naming its parameter (empty: fine)."""
     problems: list[str] = []
     space, pruner = tune.space, tune.pruner
-    numbers = {
-        "tune.trials": tune.trials, "tune.epochs": tune.epochs,
-        "tune.seed": tune.seed,
-        "tune.space.lr_low": space.lr_low, "tune.space.lr_high": space.lr_high,
-        "tune.space.head_lr_factor_low": space.head_lr_factor_low,
-        "tune.space.head_lr_factor_high": space.head_lr_factor_high,
-        "tune.pruner.n_startup_trials": pruner.n_startup_trials,
-        "tune.pruner.n_warmup_steps": pruner.n_warmup_steps,
-        "tune.pruner.threshold": pruner.threshold,
-        "tune.baseline.lr": tune.baseline.lr,
-        "tune.baseline.head_lr_factor": tune.baseline.head_lr_factor,
-    }
-    if tune.timeout is not None:
-        numbers["tune.timeout"] = tune.timeout
-    not_numbers = [name for name, value in numbers.items() if not _number(value)]
-    for name in not_numbers:  # YAML 1.1 reads `1e-5` as text; `1.0e-5` is a number
-        problems.append(f"{name} must be a number, got {numbers[name]!r} (write 1.0e-5, not 1e-5)")
-    if not_numbers:
-        return problems
+    # types are already checked and converted by the loader (`_coerce`)
+    numbers = {"tune.trials": tune.trials, "tune.epochs": tune.epochs}
     for name in ("tune.trials", "tune.epochs"):
         if numbers[name] < 1 or numbers[name] != int(numbers[name]):
             problems.append(f"{name} must be a whole number >= 1, got {numbers[name]}")

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from wbc_transfer.images import decode_file
-from wbc_transfer.io import atomic_write, text_path
+from wbc_transfer.io import text_path, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ImageSet:
             "images": self.images, "labels": self.labels, "paths": self.paths,
             "splits": self.splits, "classes": self.classes, "groups": self.groups,
         }
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        write_torch(path, payload)  # same tensors, same bytes (DVC sees no change)
 
     @classmethod
     def load(cls, path: Path) -> ImageSet:
@@ -196,8 +196,42 @@ def normalise(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return TF.normalize(batch.float().div_(255.0), list(mean), list(std), inplace=True)
 
 
+MIN_TRAIN_BATCH = 2  # BatchNorm in train mode needs more than one value per channel
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
-            shuffle: bool = False) -> Iterator[torch.Tensor]:
+            shuffle: bool = False, min_last: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches (int64 tensors) over range(n), shuffled by `generator` if asked.
+
+    A last batch smaller than `min_last` is merged into the one before it (training passes
+    MIN_TRAIN_BATCH: a lone last image crashes BatchNorm, "Expected more than 1 value per
+    channel"), so every image is still seen once; see `last_batch`.
+    """
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_last:
+        starts.pop()  # the remainder joins the previous batch
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else n
+        yield order[start:end]
+
+
+def batch_count(n: int, batch_size: int, min_last: int = 1) -> int:
+    """How many batches `batches(n, batch_size, min_last=min_last)` yields."""
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n - (count - 1) * batch_size < min_last else count
+
+
+def last_batch(n: int, batch_size: int, min_last: int = MIN_TRAIN_BATCH) -> str:
+    """How an epoch of n images ends, for MLflow params: e.g. 'merged: 1 image into the
+    previous batch (92 batches, last of 4)' or 'full' / 'partial: 2 images'."""
+    if n == 0:
+        return "no images"
+    count = batch_count(n, batch_size, min_last)
+    last = n - (count - 1) * batch_size
+    if last == batch_size:
+        return f"full ({count} batches of {batch_size})"
+    if last > batch_size:
+        return (f"merged: {last - batch_size} image(s) into the previous batch "
+                f"({count} batches, last of {last})")
+    return f"partial ({count} batches, last of {last})"

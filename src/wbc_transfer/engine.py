@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
-from wbc_transfer.data import ImageSet, batches, normalise
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batches, normalise
 from wbc_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def configure_torch(num_threads: int = 0) -> dict[str, Any]:
-    """Explicit, logged thread and denormal settings (denormals silently slow CPU training)."""
+def configure_torch(num_threads: int = 0, deterministic: bool = True) -> dict[str, Any]:
+    """Explicit, logged thread, denormal and determinism settings (denormals silently slow CPU
+    training).
+
+    `deterministic`: the same inputs give the same numbers on the same device and thread count
+    (torch.use_deterministic_algorithms, warn-only for the few CUDA ops without a deterministic
+    kernel; cuDNN autotuning off; CUBLAS_WORKSPACE_CONFIG as cuBLAS requires, set before any
+    CUDA work). On the CPU the results still depend on the thread count (oneDNN splits its
+    reductions by thread): `torch_threads` is returned for the MLflow params. Cost measured in
+    bench/NOTES.md.
+    """
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.set_flush_denormal(True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick other kernels on each run
+    torch.backends.cudnn.deterministic = deterministic
     return {"torch_threads": torch.get_num_threads(), "flush_denormal": True,
-            "torch_version": torch.__version__}
+            "deterministic": deterministic, "torch_version": torch.__version__}
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -175,13 +189,25 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> EpochStats:
     """One pass over `data` in shuffled mini-batches; `on_every(iteration)` runs each `every`.
-    `loss_fn(logits, labels)`: the recipe's loss; `scheduler` is stepped after every step."""
+    `loss_fn(logits, labels)`: the recipe's loss; `scheduler` is stepped after every step.
+
+    A last batch of one image joins the batch before it (`data.batches`, min_last=2), for
+    every architecture. Raises ValueError when BatchNorm layers would still see a batch of one
+    (batch_size 1, or a single training image).
+    """
     import time
 
+    if (batch_size < MIN_TRAIN_BATCH or len(data) == 1) and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            f"train.batch_size={batch_size} with {len(data)} training image(s): this model has "
+            f"BatchNorm layers, which need at least {MIN_TRAIN_BATCH} images per training "
+            f"batch; set train.batch_size >= {MIN_TRAIN_BATCH}")
     model.train()
     started = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
-    for step, idx in enumerate(batches(len(data), batch_size, generator, shuffle=True), 1):
+    for step, idx in enumerate(batches(len(data), batch_size, generator, shuffle=True,
+                                       min_last=MIN_TRAIN_BATCH), 1):
         # augment and normalise on the training device (the GPU when there is one)
         x = normalise(augment(to_device(data.images[idx], device)), mean, std)
         y = to_device(data.labels[idx], device)

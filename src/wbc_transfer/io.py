@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -54,6 +55,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_torch(path: Path, obj: Any) -> Path:
+    """`torch.save(obj)` to `path`, atomically and byte-reproducibly: serialised in memory first,
+    because torch.save into a file records that file's name inside the archive (here the random
+    temporary name), so two saves of the same tensors would differ in bytes."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -11,11 +11,14 @@ and two artifacts travel with it:
 The network is rebuilt from code with ``wbc_transfer.models.build(arch, n, "none", size)``, so
 the serving environment needs this package installed (``--env-manager local``).
 
-Input: a DataFrame with one column ``image`` of raw image bytes (over HTTP, MLflow base64-decodes
-a ``binary`` column of a ``dataframe_split``/``dataframe_records`` payload). Output: one row
-per input row with ``predicted``, ``confidence``, ``p_<class>`` for every class, ``note`` (what
-was converted, e.g. EXIF orientation applied, grayscale to RGB) and ``error`` (why the row could
-not be classified); a bad image never fails the batch. Decoding is `wbc_transfer.images`, the
+Input: a DataFrame with one column ``image`` of raw image bytes or base64 text (over HTTP: the
+base64 strings of a ``dataframe_split``/``dataframe_records`` payload). The signature declares
+the column as ``string``, not ``binary``: for a binary column MLflow's scoring server decodes
+the base64 of the whole batch itself and answers 400 for all of it when one row is not valid
+base64; here each row is decoded on its own. Output: one row per input row with
+``predicted``, ``confidence``, ``p_<class>`` for every class, ``note`` (what was converted, e.g.
+EXIF orientation applied, grayscale to RGB) and ``error`` (why the row could not be classified,
+e.g. not valid base64); a bad row never fails the batch. Decoding is `wbc_transfer.images`, the
 decoder of every pipeline stage. Params: ``tta`` (horizontal-flip average), ``batch_size``.
 
 Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "classifier"  # the logged model's name in the winning run
 MARKER_KEY = "wbc_transfer_pyfunc"  # MLmodel metadata key that identifies this format
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input column `string` (base64 decoded per row), was `binary`
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_COLUMN = "image"
 
@@ -65,14 +68,15 @@ CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 
 
 def as_bytes(value: Any) -> bytes:
-    """A cell of the input column -> bytes (raw bytes, or a base64 string)."""
+    """A cell of the input column -> bytes (raw bytes, or a base64 string). Raises ImageError
+    (the row's `error`) for invalid base64, null or another type."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, np.ndarray) and value.dtype == np.uint8:
         return value.tobytes()
     if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=False)
+        try:  # strict, but line breaks are fine (base64.encodebytes, MLflow's client, add them)
+            return base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"string input is not valid base64: {exc}") from None
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -209,7 +213,9 @@ def signature():
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+        # string, not binary: the scoring server would decode a binary column's base64 for the
+        # whole batch and fail all of it on one bad row; `as_bytes` decodes row by row
+        inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
         params=ParamSchema([ParamSpec("tta", DataType.boolean, False),
                             ParamSpec("batch_size", DataType.long, 32)]),
     )
@@ -264,7 +270,7 @@ def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTI
             signature=signature(),
             pip_requirements=pip_requirements(),
             metadata={MARKER_KEY: FORMAT_VERSION, "weights_sha256": digest, **config},
-            tags={"weights_sha256": digest},
+            tags={"weights_sha256": digest, "format_version": str(FORMAT_VERSION)},
             step=step,
         )
 
@@ -285,6 +291,7 @@ def logged_models(run_id: str, name: str = ARTIFACT_NAME) -> list[Any]:
 def find_logged(run_id: str, name: str = ARTIFACT_NAME, weights_sha256: str | None = None):
     """The latest ready logged model `name` of run `run_id` (with those weights), or None."""
     found = [m for m in logged_models(run_id, name) if str(m.status).endswith("READY")
+             and m.tags.get("format_version") == str(FORMAT_VERSION)
              and (weights_sha256 is None or m.tags.get("weights_sha256") == weights_sha256)]
     return found[-1] if found else None
 
@@ -326,8 +333,11 @@ def load_trained_folder(folder: Path, run_id: str) -> tuple[Path, dict[str, Any]
 
 
 def is_classifier_version(version: Any) -> bool:
-    """Whether a registered model version is this module's pyfunc (tagged at registration)."""
-    return (getattr(version, "tags", None) or {}).get("artifact") == ARTIFACT_NAME
+    """Whether a registered model version is this module's pyfunc in its current format
+    (tagged at registration); an older format gets re-registered by `promote`."""
+    tags = getattr(version, "tags", None) or {}
+    return (tags.get("artifact") == ARTIFACT_NAME
+            and tags.get("format_version") == str(FORMAT_VERSION))
 
 
 def register_classifier(client: Any, model_name: str, run_id: str, weights: str | Path,
@@ -339,6 +349,7 @@ def register_classifier(client: Any, model_name: str, run_id: str, weights: str 
     ensure_classifier(run_id, weights, config)
     version = mlflow.register_model(f"runs:/{run_id}/{ARTIFACT_NAME}", model_name,
                                     tags={"artifact": ARTIFACT_NAME, "format": "pyfunc-from-code",
+                                          "format_version": str(FORMAT_VERSION),
                                           "weights_sha256": file_sha256(weights)})
     if description:
         client.update_model_version(model_name, version.version, description=description)

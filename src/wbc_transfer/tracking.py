@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import yaml
+from filelock import FileLock
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from wbc_transfer.config import Params
 
@@ -39,21 +44,71 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{home_root(params.root) / 'mlflow.db'}"
 
 
+# The MLflow 3 UI opens an experiment on its GenAI view (traces, token usage) unless the
+# experiment says it holds model training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+# MLflow 3.17's UI picks its GenAI or model-training view from a browser-side switch (default
+# GenAI, kept in localStorage), not from the tag above (mlflow/mlflow#24498); this URL parameter
+# opens the training view.
+UI_TRAINING_VIEW = "?workflowType=machine_learning"
+
+# manifest split -> MLflow dataset context (the runs table's Dataset column)
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing",
+                    "test_simple": "testing"}
+
+
 def artifact_location(params: Params) -> str:
     return (home_root(params.root) / "mlruns").as_uri()
 
 
+def store_lock(uri: str, timeout_s: float = 300.0) -> contextlib.AbstractContextManager[Any]:
+    """An inter-process lock for the first use of a SQLite store (a `FileLock` on
+    `<db>.lock` beside the database); a no-op for other stores, which handle concurrency
+    themselves. Without it, processes opening a fresh mlflow.db at once race in MLflow's schema
+    migrations ("duplicate column name", "table ... already exists")."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return contextlib.nullcontext()
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock", timeout=timeout_s)
+
+
 def setup(params: Params) -> str:
-    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id.
+
+    Safe when several processes do it at once on a fresh store (parallel `dvc exp` or tuning
+    workers): creating the schema and the experiment happens under `store_lock`, and an
+    experiment created meanwhile by another client (a server store) is looked up again.
+    """
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     name = params.base.experiment
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location(params))
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(name)  # first use creates the schema
+        if experiment is None:
+            try:
+                experiment_id = mlflow.create_experiment(
+                    name, artifact_location=artifact_location(params),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except MlflowException:
+                experiment = mlflow.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG,
+                                                         EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def ui_url(params: Params, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of the project's experiment, on its training runs view."""
+    return f"{server.rstrip('/')}/#/experiments/{setup(params)}{UI_TRAINING_VIEW}"
 
 
 def git_commit(root: Path) -> str:
@@ -90,6 +145,52 @@ def run(params: Params, run_id: str | None = None, run_name: str | None = None,
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def unfinished_run(params: Params, tags: dict[str, str]) -> str | None:
+    """The id of the latest FAILED or KILLED run of the project's experiment carrying all
+    `tags` (e.g. a stage killed before its first checkpoint), else None; its rerun continues
+    it instead of opening a second run. RUNNING runs are left alone: another process may own
+    them."""
+    experiment_id = setup(params)
+    condition = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        filter_string=f"{condition} AND attributes.status != 'FINISHED' "
+                      f"AND attributes.status != 'RUNNING' AND attributes.status != 'SCHEDULED'",
+        order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def log_new_params(values: dict[str, str]) -> None:
+    """Log the params the active run does not have yet: a continued run keeps the values of its
+    first attempt (MLflow refuses to change a logged param)."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: v for k, v in values.items() if k not in existing})
+
+
+def log_datasets(manifest: Path, rows: pd.DataFrame, protocol: str) -> list[str]:
+    """Log each split of `rows` (columns path, label, split: the images a run used) as an MLflow
+    dataset input of the active run: name `<protocol>-<split>`, context training / validation /
+    testing, source the manifest file, digest the md5 DVC records for it in dvc.lock (else,
+    when the manifest is not there, MLflow's digest of the rows). Returns the names logged."""
+    import mlflow.data
+
+    digest = hashlib.md5(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    names = []
+    for split, context in DATASET_CONTEXTS.items():
+        subset = rows[rows["split"] == split].reset_index(drop=True)
+        if subset.empty:
+            continue
+        name = f"{protocol}-{split}"
+        with warnings.catch_warnings():  # MLflow registers two equal local-file sources
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(subset, source=str(manifest), name=name,
+                                              targets="label", digest=digest)
+        mlflow.log_input(dataset, context=context)
+        names.append(name)
+    return names
 
 
 def flat_params(prefix: str, values: dict[str, Any]) -> dict[str, str]:

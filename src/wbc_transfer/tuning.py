@@ -49,7 +49,7 @@ from torch import nn
 
 from wbc_transfer import models, recipe, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
@@ -212,7 +212,8 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
     model = place_model(built.model, ctx.device, t.channels_last)
     amp = amp_dtype(ctx.device, t.amp)
     optimizer = recipe.make_optimizer(t, model, built.head, lr, head_lr_factor)
-    scheduler = recipe.make_scheduler(t, optimizer, -(-len(train_set) // t.batch_size))
+    steps = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
+    scheduler = recipe.make_scheduler(t, optimizer, steps)
     augment = recipe.make_augment(t, train_set.size)
     loss_fn = recipe.make_loss(t)
     history: list[dict[str, float]] = []
@@ -274,6 +275,7 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
             "lr": lr, "head_lr_factor": factor, "lr_head": lr * factor,
             "trial_number": trial.number, "baseline": baseline, "epochs": ctx.params.tune.epochs,
             "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
+            "last_batch": last_batch(len(ctx.fit_set), ctx.params.train.batch_size),
         }))
 
         def on_epoch(row: dict[str, float]) -> None:
@@ -541,15 +543,24 @@ def plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: its settings and results (the DVC plot; no timings or run ids, which
+    differ on every rerun: see `runs_record`)."""
     rows = [{"number": t.number, "state": t.state.name.lower(),
              "lr": t.params.get("lr"), "head_lr_factor": t.params.get("head_lr_factor"),
              OBJECTIVE: t.value,
              "epochs_run": len(t.intermediate_values),
-             "baseline": bool(t.user_attrs.get("baseline")),
-             "seconds": t.duration.total_seconds() if t.duration else None,
-             "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+             "baseline": bool(t.user_attrs.get("baseline"))}
             for t in study.get_trials(deepcopy=False)]
     return pd.DataFrame(rows)
+
+
+def runs_record(study: optuna.Study, parent_run_id: str) -> dict[str, Any]:
+    """The MLflow parent run and each trial's run id and duration (runs.json, beside the
+    metrics rather than in them)."""
+    return {"mlflow_parent_run_id": parent_run_id,
+            "trials": [{"number": t.number, "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                        "seconds": t.duration.total_seconds() if t.duration else None}
+                       for t in study.get_trials(deepcopy=False)]}
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
@@ -598,8 +609,7 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     summary: dict[str, Any] = {
         "architecture": ctx.arch, "protocol": params.tune.protocol,
-        "study_name": ctx.study_name, "storage": session.storage,
-        "mlflow_parent_run_id": session.parent_run_id, "epochs": params.tune.epochs,
+        "study_name": ctx.study_name, "storage": session.storage, "epochs": params.tune.epochs,
         "objective": f"{OBJECTIVE} (validation macro-F1)",
         "train_images": len(ctx.train_set), "fit_images": len(ctx.fit_set),
         "val_images": len(ctx.val_set),
@@ -616,6 +626,7 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", markdown(summary))
     write_csv(out / "trials.csv", trials_frame(study))
+    write_json(out / "runs.json", runs_record(study, session.parent_run_id))
     base_val = "n/a" if base is None else f"{base.value:.3f}"
     write_text(out / "best_params.yaml",
                f"# Best trial {best.number} of Optuna study {ctx.study_name}: validation "
@@ -639,7 +650,7 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
                        "apply": summary["apply"]}.items():
         client.set_tag(run_id, key, value)
     for file in (out / "summary.md", out / "summary.json", out / "best_params.yaml",
-                 out / "trials.csv", *figures):
+                 out / "trials.csv", out / "runs.json", *figures):
         client.log_artifact(run_id, str(file), artifact_path="tune")
     client.set_terminated(run_id, "FINISHED")
     return summary

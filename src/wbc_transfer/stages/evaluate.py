@@ -103,7 +103,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             log.info("%s on %s: accuracy %.3f, macro-F1 %.3f, per-cell accuracy %.3f "
                      "(n=%d images, %d cells)", name, set_name, scores["accuracy"],
                      scores["f1_macro"], scores["cell_accuracy"], scores["n"], scores["n_cells"])
-    summary = {"model": name, "run_id": info["run_id"], "architecture": arch,
+    # the run id changes with every training run: beside the metrics, not in them (DVC compares
+    # metrics.json across runs and experiments)
+    write_json(out / "run.json", {"model": name, "run_id": info["run_id"]})
+    summary = {"model": name, "architecture": arch,
                "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
                "recipe": info.get("recipe", "paper"), "tta": bool(params.evaluate.tta),
                "bootstrap": bootstrap_settings(params), "sets": results}

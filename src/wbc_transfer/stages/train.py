@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from wbc_transfer import models, recipe, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, normalise
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
     Checkpoint,
     amp_dtype,
@@ -25,7 +25,7 @@ from wbc_transfer.engine import (
     seed_everything,
     train_one_epoch,
 )
-from wbc_transfer.io import atomic_write, write_csv, write_json
+from wbc_transfer.io import write_csv, write_json, write_torch
 from wbc_transfer.plots import training_curves
 from wbc_transfer.serving import pip_requirements
 
@@ -59,7 +59,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     seed_everything(seed)
     built = models.build(arch, len(data.classes), t.weights, data.size)
     model = place_model(built.model, device, t.channels_last)
-    iterations_per_epoch = -(-len(train_set) // t.batch_size)
+    iterations_per_epoch = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
     optimizer = recipe.make_optimizer(t, model, built.head)
     scheduler = recipe.make_scheduler(t, optimizer, iterations_per_epoch)
     augment = recipe.make_augment(t, data.size)
@@ -90,21 +90,30 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     tags = {"architecture": arch, "protocol": protocol, "seed": str(seed),
             "weights_source": built.weights_source,
             "pretrained": str(models.is_pretrained(built.weights_source)).lower(),
-            "recipe": t.recipe, "dvc_stage": f"train@{name}"}
+            "recipe": t.recipe, "dvc_stage": f"train@{name}", "config_fingerprint": checkpoint.fingerprint}
+    if run_id is None:  # killed before its first checkpoint: continue that run, not a new one
+        run_id = tracking.unfinished_run(params, {"dvc_stage": tags["dvc_stage"],
+                                                  "config_fingerprint": checkpoint.fingerprint})
     with tracking.run(params, run_id=run_id, run_name=name, tags=tags) as active:
         run_id = active.info.run_id
-        if not state:
-            mlflow.log_params(tracking.flat_params("", {
+        if not state:  # a continued run keeps the params of its first attempt
+            tracking.log_new_params(tracking.flat_params("", {
                 **resolved, "lr_head": t.lr * t.head_lr_factor, "device": device.type,
                 "validation_split": "val (leak-free validation cells)",
                 "train_images": len(train_set), "train_cells": len(set(train_set.groups)),
                 "validation_images": len(val_set), "validation_cells": len(set(val_set.groups)),
                 "selection": f"{t.keep} epoch by validation macro-F1"
                              + (f", early stopping patience {t.patience}" if t.patience else ""),
+                "last_batch": last_batch(len(train_set), t.batch_size),
                 "git_commit": tracking.git_commit(params.root),
                 "data_md5": tracking.data_md5(params.root), "split_seed": params.split.seed,
                 **threads,
             }))
+            tracking.log_datasets(
+                params.resolve(params.split.out_dir) / f"{protocol}.csv",
+                pd.DataFrame({"path": data.paths, "split": data.splits,
+                              "label": [data.classes[i] for i in data.labels.tolist()]}),
+                protocol)
 
         def validate_now(iteration: int) -> None:
             r = evaluate(model, val_set, built.mean, built.std, device, params.evaluate.batch_size,
@@ -157,9 +166,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         mlflow.log_metrics({"selected_epoch": kept_epoch, "selected_val_f1_macro": kept["val_f1_macro"],
                             "selected_val_accuracy": kept["val_accuracy"],
                             "epochs_run": len(history)})
-        frame = pd.DataFrame(history)
+        # throughput is a timing, different on every run: MLflow only, not in DVC's files
+        frame = pd.DataFrame(history).drop(columns=["train_images_per_s"], errors="ignore")
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).eval()
-        atomic_write(out / "model.pt", lambda tmp: torch.save(model_cpu.state_dict(), tmp))
+        write_torch(out / "model.pt", model_cpu.state_dict())
         write_csv(out / "history.csv", frame)
         info = {"run_id": run_id, "architecture": arch, "protocol": protocol, "seed": seed,
                 "weights_source": built.weights_source, "image_size": data.size,
@@ -168,7 +178,8 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 "selected_epoch": kept_epoch}
         write_json(out / "run.json", info)
         write_json(out / "metrics.json", {
-            **kept, "selected_epoch": kept_epoch, "epochs_run": len(history),
+            **{k: v for k, v in kept.items() if k in frame.columns},
+            "selected_epoch": kept_epoch, "epochs_run": len(history),
             "selected_by": "validation macro-F1 (leak-free validation cells)" if t.keep == "best"
                            else "last epoch",
             "weights_source": built.weights_source})

@@ -1,0 +1,74 @@
+"""params.yaml loading: numbers in any YAML form, and one-line errors naming the parameter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dvc.utils.hydra import apply_overrides
+
+from wbc_transfer import cli
+from wbc_transfer.config import ConfigError, load_params
+
+from conftest import REPO_ROOT, write_params
+
+
+def test_numbers_written_by_dvc_exp_run_set_param_load_as_numbers(tmp_path: Path):
+    """`dvc exp run -S train.lr=0.00002` writes `lr: 2e-05`, which PyYAML reads as text."""
+    file = tmp_path / "params.yaml"
+    shutil.copyfile(REPO_ROOT / "params.yaml", file)
+    # DVC's own code path for `-S` (Hydra overrides applied to params.yaml)
+    apply_overrides(file, ["train.lr=0.00002", "tune.space.lr_low=1e-6", "tune.timeout=3e2"])
+    assert "lr: 2e-05" in file.read_text()
+    params = load_params(file)
+    assert params.train.lr == pytest.approx(2e-5) and isinstance(params.train.lr, float)
+    assert params.tune.space.lr_low == pytest.approx(1e-6)
+    assert params.tune.timeout == pytest.approx(300.0)
+
+
+@pytest.mark.parametrize(("key", "text", "expected"), [
+    ("train.lr", "1e-4", 1e-4),
+    ("train.momentum", ".5", 0.5),
+    ("train.head_lr_factor", "1E+1", 10.0),
+    ("split.paper.test_fraction", "3e-1", 0.3),
+    ("train.epochs", "1e1", 10),  # a whole number in e-notation
+    ("evaluate.max_per_class", "50", 50),
+    ("train.seeds", ["1", 2], (1, 2)),
+])
+def test_numbers_in_any_form_load_as_numbers(tmp_path: Path, key: str, text, expected):
+    params = load_params(write_params(tmp_path, "unused", **{key: text}))
+    section, *rest = key.split(".")
+    value = getattr(params, section)
+    for name in rest:
+        value = getattr(value, name)
+    assert value == pytest.approx(expected) if not isinstance(expected, tuple) else \
+        value == expected
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.lr", "abc", "train.lr must be a number, got 'abc'"),
+    ("train.epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
+    ("train.channels_last", "yes", "train.channels_last must be true or false, got 'yes'"),
+    ("train.architectures", "alexnet", "train.architectures must be a list, got 'alexnet'"),
+    ("train.seeds", [1, "x"], "train.seeds[1] must be a whole number, got 'x'"),
+    ("evaluate.max_per_class", "all", "evaluate.max_per_class must be a whole number or null"),
+    ("tune.space.lr_high", "abc", "tune.space.lr_high must be a number, got 'abc'"),
+    ("base.experiment", 7, "base.experiment must be a string, got 7"),
+    ("split.paper", 3, "split.paper must be a mapping of parameters, got 3"),
+])
+def test_a_wrong_type_is_a_one_line_error_naming_the_parameter(tmp_path: Path, key, value,
+                                                                message):
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, "unused", **{key: value}))
+    text = str(error.value)
+    assert message in text and "\n" not in text
+    assert text.startswith("params.yaml: ")
+
+
+def test_the_cli_stops_with_the_one_line_error(tmp_path: Path, capsys):
+    file = write_params(tmp_path, "unused", **{"train.lr": "abc"})
+    assert cli.main(["--params", str(file), "train", "--arch", "alexnet", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "wbc-transfer: params.yaml: train.lr must be a number, got 'abc'"
