@@ -195,7 +195,7 @@ def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
     `prepare` wrote other bytes, and dvc.lock changed on a rerun of the same commit."""
     params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32}))
     images = params.images_dir
-    for protocol, folder in (("paper", "TRAIN"), ("heldout", "TEST")):
+    for protocol, folder in (("paper", "TRAIN"), ("paper_grouped", "TRAIN"), ("heldout", "TEST")):
         rows = [(f"{folder}/{c}/{f.name}", c, "train" if i % 3 else "test")
                 for c in CLASSES for i, f in enumerate(class_files(images, folder, c)[:6])]
         manifest = params.resolve(params.split.out_dir) / f"{protocol}.csv"

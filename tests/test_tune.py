@@ -59,7 +59,8 @@ def tune_params(repo: Path, tiny: dict[str, Path], **overrides) -> Params:
         "prepare.out_dir": str(tiny["prepared"]),
         "train.weights": "none", "train.num_threads": 1,
         "evaluate.max_per_class": None,
-        "tune.trials": 3, "tune.epochs": 2, "tune.storage": "sqlite:///optuna.db",
+        "tune.protocol": "paper", "tune.trials": 3, "tune.epochs": 2,
+        "tune.storage": "sqlite:///optuna.db",
         "tune.pruner.name": "none",
     }
     settings.update(overrides)
