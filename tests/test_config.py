@@ -72,3 +72,19 @@ def test_the_cli_stops_with_the_one_line_error(tmp_path: Path, capsys):
     assert cli.main(["--params", str(file), "train", "--arch", "alexnet", "--seed", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "wbc-transfer: params.yaml: train.lr must be a number, got 'abc'"
+
+
+def test_per_architecture_overrides_are_typed_and_checked(tmp_path):
+    from wbc_transfer.config import train_params_for
+
+    params = load_params(write_params(tmp_path, "unused", **{
+        "train.epochs": 5, "train.overrides": {"vgg16": {"input_size": "32", "epochs": 1.0}}}))
+    vgg, other = train_params_for(params, "vgg16"), train_params_for(params, "alexnet")
+    assert (vgg.input_size, vgg.epochs) == (32, 1) and isinstance(vgg.epochs, int)
+    assert (other.input_size, other.epochs) == (None, 5)
+    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16: unknown or not overridable \['epoch'\]"):
+        load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epoch": 1}}}))
+    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.epochs must be a whole number"):
+        load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epochs": "x"}}}))
+    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size must be >= 32 px"):
+        load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"input_size": 16}}}))

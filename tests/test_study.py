@@ -68,13 +68,14 @@ def params_in(repo: Path, mini_dataset: Path, **overrides) -> Params:
 
 
 def test_study_end_to_end_tracks_runs_and_promotes_a_champion(prepared: Path, mini_dataset: Path):
-    params = params_in(prepared, mini_dataset, **{"train.input_size": {"efficientnet_lite0": 48}})
+    params = params_in(prepared, mini_dataset, **{
+        "train.overrides": {"efficientnet_lite0": {"input_size": 48}, "alexnet": {}}})
     for arch in params.train.architectures:
         train.main(params, arch=arch, protocol="paper", seed=42)
         evaluate.main(params, arch=arch, protocol="paper", seed=42)
     sizes = {a: read_json(prepared / "results/train" / f"{a}-paper-42" / "run.json")["image_size"]
              for a in params.train.architectures}
-    assert sizes == {"alexnet": 64, "efficientnet_lite0": 48}  # train.input_size, else prepared
+    assert sizes == {"alexnet": 64, "efficientnet_lite0": 48}  # train.overrides, else prepared
     long = compare.main(params)
     assert set(long["architecture"]) == {"alexnet", "efficientnet_lite0"}
     assert {"validation", "paper_test", "TEST"} <= set(long["eval_set"])

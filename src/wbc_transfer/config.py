@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -112,7 +112,9 @@ class TrainParams:
     keep: str = "best"  # best: the weights of the best validation epoch; last: the last epoch
     translate_px: int = 30
     reference_size: int = 224
-    input_size: dict[str, int] = field(default_factory=dict)  # arch -> px (default: prepared)
+    input_size: int | None = None  # px the network sees (None: prepare.image_size)
+    # architecture -> {train parameter: value}: what differs for that architecture
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     validate_every: int = 0
     device: str = "auto"
     num_threads: int = 0
@@ -343,6 +345,25 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
     return params
 
 
+NOT_OVERRIDABLE = {"architectures", "protocols", "seeds", "overrides", "out_dir", "checkpoint_dir",
+                   "weights_report"}
+
+
+def train_params_for(params: Params, arch: str) -> TrainParams:
+    """`params.train` with `train.overrides[arch]` applied (each value typed like its field).
+
+    Raises ConfigError naming `train.overrides.<arch>.<key>` for an unknown key or a wrong type."""
+    over = (params.train.overrides or {}).get(arch) or {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"train.overrides.{arch} must be a mapping of train parameters, got {over!r}")
+    hints = get_type_hints(TrainParams)
+    unknown = sorted(set(over) - (set(hints) - NOT_OVERRIDABLE))
+    if unknown:
+        raise ConfigError(f"train.overrides.{arch}: unknown or not overridable {unknown}")
+    values = {k: _coerce(v, hints[k], f"train.overrides.{arch}.{k}") for k, v in over.items()}
+    return replace(params.train, **values)
+
+
 def check(params: Params) -> None:
     """Range checks that would otherwise fail deep inside a stage."""
     problems: list[str] = []
@@ -385,9 +406,16 @@ def check(params: Params) -> None:
                         f"use {sorted(known_protocols)}")
     if t.recipe not in {"paper", "modern"}:
         problems.append(f"train.recipe must be paper or modern, got {t.recipe!r}")
-    bad_sizes = {a: v for a, v in (t.input_size or {}).items() if not isinstance(v, int) or v < 32}
-    if bad_sizes:
-        problems.append(f"train.input_size: sizes must be whole numbers >= 32 px, got {bad_sizes}")
+    for arch in t.overrides or {}:
+        try:
+            sized = train_params_for(params, arch).input_size
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if sized is not None and sized < 32:
+            problems.append(f"train.overrides.{arch}.input_size must be >= 32 px, got {sized}")
+    if t.input_size is not None and t.input_size < 32:
+        problems.append(f"train.input_size must be >= 32 px or null, got {t.input_size}")
     if t.keep not in {"best", "last"}:
         problems.append(f"train.keep must be best or last, got {t.keep!r}")
     if t.patience < 0:

@@ -48,7 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from wbc_transfer import models, recipe, tracking
-from wbc_transfer.config import Params
+from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch
 from wbc_transfer.engine import (
     Checkpoint,
@@ -205,7 +205,7 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
         ) -> tuple[nn.Module, models.Built, list[dict[str, float]]]:
     """Fine-tune `ctx.arch` for `tune.epochs` epochs with the train stage's engine and seeding;
     scores `eval_set` after each epoch and hands each epoch's row to `on_epoch`."""
-    t = replace(ctx.params.train, epochs=ctx.params.tune.epochs)
+    t = replace(train_params_for(ctx.params, ctx.arch), epochs=ctx.params.tune.epochs)
     seed = ctx.params.tune.seed
     seed_everything(seed)
     built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)

@@ -13,7 +13,7 @@ from mlflow.models import infer_signature
 from tqdm import tqdm
 
 from wbc_transfer import models, recipe, tracking
-from wbc_transfer.config import Params
+from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
     Checkpoint,
@@ -36,17 +36,12 @@ def model_name(arch: str, protocol: str, seed: int) -> str:
     return f"{arch}-{protocol}-{seed}"
 
 
-def input_size(params: Params, arch: str, prepared: int) -> int:
-    """The px the network sees: `train.input_size[arch]`, else the prepared size."""
-    return int((params.train.input_size or {}).get(arch, prepared))
-
-
 def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:
-    t = params.train
+    t = train_params_for(params, arch)  # with train.overrides[arch]
     name = model_name(arch, protocol, seed)
     out = params.resolve(t.out_dir) / name
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{protocol}.pt")
-    data = data.resized(input_size(params, arch, data.size))
+    data = data.resized(t.input_size or data.size)
     train_set = data.subset("train")
     val_set = data.subset("val")
     if len(val_set) == 0:
@@ -68,7 +63,8 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
 
     resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
                 "image_size": data.size, "weights_source": built.weights_source}
-    for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir", "weights_report"):
+    for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir", "weights_report",
+                "overrides"):
         resolved.pop(key)
     checkpoint = Checkpoint(
         params.resolve(t.checkpoint_dir) / name / "last.pt",
