@@ -31,7 +31,7 @@ def test_perfect_classifier_interval_is_one_one():
 def test_bootstrap_matches_sklearn_resample_by_resample():
     y_true, y_pred = noisy()
     dist = stats.bootstrap_distribution(y_true, y_pred, 4, n_resamples=30, seed=7)
-    counts = stats.bootstrap_counts(len(y_true), 30, seed=7)  # each image its own group
+    counts = stats.bootstrap_counts(len(y_true), 30, seed=7, strata=y_true)  # image = group
     for b in (0, 13, 29):
         index = np.repeat(np.arange(len(y_true)), counts[b])
         t, p = y_true[index], y_pred[index]
@@ -102,9 +102,9 @@ def test_holm_on_known_p_values():
 
 
 def test_cluster_bootstrap_resamples_groups_not_their_copies():
-    # 3 cells, 100 identical copies each (2 right, 1 wrong): the interval is the 3-cell one
-    y_true = np.array([0, 1, 2])
-    y_pred = np.array([0, 1, 3])
+    # 3 cells of one class, 100 identical copies each (2 right, 1 wrong): the 3-cell interval
+    y_true = np.array([0, 0, 0])
+    y_pred = np.array([0, 0, 3])
     copies_true, copies_pred = np.repeat(y_true, 100), np.repeat(y_pred, 100)
     groups = np.repeat(["a", "b", "c"], 100)
     clustered = stats.bootstrap_ci(copies_true, copies_pred, 4, 500, 0.95, seed=5, groups=groups)
@@ -118,9 +118,11 @@ def test_cluster_bootstrap_resamples_groups_not_their_copies():
 
 def test_cluster_bootstrap_matches_sklearn_on_the_drawn_cells():
     y_true, y_pred = noisy(n=60)
-    groups = np.arange(60) // 4  # 15 cells of 4 images
+    y_true = np.repeat(y_true[:15], 4)  # 15 cells of 4 images, one class each
+    groups = np.arange(60) // 4
     dist = stats.bootstrap_distribution(y_true, y_pred, 4, n_resamples=10, seed=2, groups=groups)
-    counts = stats.bootstrap_counts(15, 10, seed=2)
+    first = np.arange(0, 60, 4)
+    counts = stats.bootstrap_counts(15, 10, seed=2, strata=y_true[first])
     for b in (0, 9):
         index = np.concatenate([np.repeat(np.flatnonzero(groups == g), counts[b, g]) for g in range(15)])
         f1 = precision_recall_fscore_support(y_true[index], y_pred[index], labels=range(4),
@@ -132,3 +134,11 @@ def test_cluster_bootstrap_matches_sklearn_on_the_drawn_cells():
 def test_a_cell_is_right_when_most_of_its_images_are():
     outcome = stats.cell_outcomes([1, 1, 0, 0, 0, 1, 1, 0, 0], list("aaabbcccc"))
     assert outcome.to_dict() == {"a": True, "b": False, "c": False}  # c: 2 of 4 is no majority
+
+
+def test_cluster_bootstrap_keeps_every_class_in_every_resample():
+    # one cell of class 3 among 9 of class 0: an unstratified draw often leaves it out
+    y_true = np.array([0] * 9 + [3])
+    dist = stats.bootstrap_distribution(y_true, y_true, 4, n_resamples=200, seed=1,
+                                        groups=np.arange(10))
+    assert (dist["recall_macro"] == 0.5).all()  # classes 0 and 3 present and right, 1 and 2 absent

@@ -5,8 +5,11 @@ Images of one cell (group) are augmented copies, not independent observations, s
 interval resamples *groups* and every paired test pairs *cells*:
 
 - `bootstrap_distribution` / `bootstrap_ci`: percentile cluster bootstrap (Davison & Hinkley
-  1997, sec. 3.8; "resample clusters, keep their members"). Each resample draws the G groups
-  with replacement (multinomial counts); an image's weight is its group's count. Every
+  1997, sec. 3.8; "resample clusters, keep their members"), stratified by class: each resample
+  draws, within each class, that class's G_c groups with replacement (multinomial counts), so
+  every resample has the set's cells per class (TEST has 4 monocyte cells: an unstratified
+  draw would often have none and score macro-F1 on three classes); an image's weight is its
+  group's count. Every
   resample is scored with scikit-learn's `precision_recall_fscore_support(sample_weight=...)`;
   all resamples go through ONE call by giving resample b its own copy of the labels (class k of
   resample b becomes label b*K + k). Without groups each image is its own group (the ordinary
@@ -46,18 +49,26 @@ def group_codes(groups: Sequence[str] | np.ndarray | None, n: int) -> np.ndarray
     return pd.factorize(np.asarray(groups, dtype=object))[0].astype(np.int64)
 
 
-def bootstrap_counts(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n_groups) int64: how often each group is drawn in each resample of
-    n_groups draws with replacement; same seed, same draws."""
+def bootstrap_counts(n_groups: int, n_resamples: int, seed: int,
+                     strata: np.ndarray | None = None) -> np.ndarray:
+    """(n_resamples, n_groups) int64: how often each group is drawn in each resample; within
+    each stratum (int per group; one stratum when None) its groups are drawn with replacement
+    as often as it has groups. Same seed, same draws."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)
+    strata = np.zeros(n_groups, dtype=np.int64) if strata is None else np.asarray(strata)
+    counts = np.zeros((n_resamples, n_groups), dtype=np.int64)
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        k = len(members)
+        counts[:, members] = rng.multinomial(k, np.full(k, 1.0 / k), size=n_resamples)
+    return counts
 
 
 def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
                            n_classes: int, n_resamples: int = 1000, seed: int = 42,
                            groups: Sequence[str] | np.ndarray | None = None) -> dict[str, np.ndarray]:
     """metric -> its value on each of n_resamples cluster-bootstrap resamples (groups drawn
-    with replacement; images are the groups when `groups` is None)."""
+    with replacement within their class; images are the groups when `groups` is None)."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of one length: {y_true.shape}, "
@@ -66,7 +77,10 @@ def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
     if n == 0 or n_resamples < 1:
         return {m: np.empty(0) for m in CI_METRICS}
     codes = group_codes(groups, n)
-    counts = bootstrap_counts(int(codes.max()) + 1, n_resamples, seed)
+    n_groups = int(codes.max()) + 1
+    strata = np.zeros(n_groups, dtype=np.int64)
+    strata[codes] = y_true  # a group's class (groups never span classes)
+    counts = bootstrap_counts(n_groups, n_resamples, seed, strata)
     out: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
     chunk = max(1, _CHUNK_ITEMS // n)
     for start in range(0, n_resamples, chunk):
