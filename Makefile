@@ -26,11 +26,11 @@ paper:  ## the full paper-scale study as a named DVC experiment
 # The best leak-free model measured on the 2-core CPU (README, "Best leak-free model"): it is
 # promoted as the champion by its validation score.
 BEST = -S 'train.architectures=[efficientnet_lite0]' -S 'train.protocols=[heldout,paper,paper_grouped]' \
-	-S prepare.image_size=224 \
-	-S split.heldout.train_per_class=600 -S train.epochs=10 -S train.rotation_deg=180 \
+	-S prepare.image_size=192 \
+	-S split.heldout.train_per_class=400 -S train.epochs=6 -S train.rotation_deg=180 \
 	-S evaluate.tta=true -S evaluate.max_per_class=null
 
-best:  ## train, evaluate and promote the best leak-free configuration (~1 h on 2 CPU cores)
+best:  ## train, evaluate and promote the best leak-free configuration (~30 min on 2 CPU cores)
 	dvc exp run -n best-leak-free $(BEST)
 
 tune:  ## Optuna search over train.lr / train.head_lr_factor (tune/dvc.yaml; not in `repro`)
