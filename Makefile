@@ -17,7 +17,7 @@ repro:  ## the quick run: every stage, offline, ~15 min on 2 CPU cores
 # The paper's study: its recipe (SGD, lr 1e-4, head x10, batch 10), 224 px, 30 epochs, all of
 # TEST; the published leaky 70/30 split and the same split by cell (hours on a CPU; README).
 PAPER_SCALE = -S 'train.protocols=[paper,paper_grouped]' -S train.recipe=paper \
-	-S prepare.image_size=224 -S '~train.overrides' -S train.epochs=30 -S train.batch_size=10 \
+	-S prepare.image_size=224 -S train.overrides=null -S train.epochs=30 -S train.batch_size=10 \
 	-S train.lr=0.0001 -S train.head_lr_factor=10 -S evaluate.max_per_class=null
 
 paper:  ## the full paper-scale study as a named DVC experiment

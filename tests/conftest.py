@@ -168,3 +168,27 @@ def make_params(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Param
         return load_params(write_params(repo, data_root, **overrides))
 
     return make
+
+
+def prepare_tiny(mirror_images: Path, out: Path, n_train: int, n_val: int, n_test: int,
+                 n_heldout_test: int, size: int = 32) -> None:
+    """paper.pt / heldout.pt (and their manifests under out/splits) from real mirror images:
+    per class n_train + n_val + n_test TRAIN images for the paper splits, n_heldout_test TEST
+    images for heldout's test split; `size` px."""
+    import pandas as pd
+
+    from wbc_transfer.data import build_image_set
+
+    paper, heldout = [], []
+    for cls in CLASSES:
+        files = spread(class_files(mirror_images, "TRAIN", cls), n_train + n_val + n_test)
+        paper += [(f"TRAIN/{cls}/{f.name}", cls,
+                   "train" if i < n_train else "val" if i < n_train + n_val else "test")
+                  for i, f in enumerate(files)]
+        heldout += [(f"TEST/{cls}/{f.name}", cls, "test")
+                    for f in spread(class_files(mirror_images, "TEST", cls), n_heldout_test)]
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("paper", paper), ("heldout", heldout)):
+        frame = pd.DataFrame(rows, columns=["path", "label", "split"])
+        build_image_set(frame, mirror_images, CLASSES, size).save(out / f"{name}.pt")
+        frame.to_csv(out / "splits" / f"{name}.csv", index=False)  # the split stage's manifests

@@ -22,7 +22,7 @@ from wbc_transfer.stats import bootstrap_settings, intervals
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
-ACCURACY = {"good": 0.9, "weak": 0.4}  # roughly, per architecture
+ACCURACY = {"resnet50": 0.9, "alexnet": 0.4}  # roughly, per architecture
 SIZES = {"paper_test": 40, "TEST": 80}
 CI = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
 
@@ -68,7 +68,7 @@ def synthetic_study(tmp_path: Path):
     """params.yaml in tmp_path pointing at synthetic eval outputs: 2 archs x 2 seeds."""
     file = tmp_path / "params.yaml"
     file.write_text(yaml.safe_dump({
-        "train": {"architectures": ["good", "weak"], "protocols": ["paper"], "seeds": [1, 2]},
+        "train": {"architectures": ["resnet50", "alexnet"], "protocols": ["paper"], "seeds": [1, 2]},
         "validate": {"report_dir": "out/data"},
         "evaluate": {"out_dir": "out/eval"},
         "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
@@ -92,7 +92,7 @@ def synthetic_study(tmp_path: Path):
                                                      pred["group"].to_numpy())
             summary = {"model": f"{arch}-paper-{seed}", "run_id": f"run-{arch}-{seed}",
                        "architecture": arch, "protocol": "paper", "seed": seed,
-                       "weights_source": "imagenet:test" if arch == "good" else "random-init",
+                       "weights_source": "imagenet:test" if arch == "resnet50" else "random-init",
                        "sets": sets}
             if seed == 1:
                 summary["bootstrap"] = bootstrap_settings(params)
@@ -114,25 +114,25 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     assert long["ci_low"].notna().all() and long["ci_high"].notna().all()
     assert (long["ci_low"] <= long["value"] + 1e-9).all()
     assert (long["value"] <= long["ci_high"] + 1e-9).all()
-    pred = pd.read_csv(params.resolve("out/eval/good-paper-2/predictions/TEST.csv"))
+    pred = pd.read_csv(params.resolve("out/eval/resnet50-paper-2/predictions/TEST.csv"))
     code = {c: i for i, c in enumerate(CLASSES)}
     expected = intervals(params, pred["actual"].map(code).to_numpy(),
                          pred["predicted"].map(code).to_numpy(), len(CLASSES),
                          pred["group"].to_numpy())
-    row = long[(long["architecture"] == "good") & (long["seed"] == 2)
+    row = long[(long["architecture"] == "resnet50") & (long["seed"] == 2)
                & (long["eval_set"] == "TEST") & (long["metric"] == "accuracy")].iloc[0]
     assert [row["ci_low"], row["ci_high"]] == expected["accuracy"]
 
     # mean ± sd across seeds beside the per-seed values with their intervals
     table = (out / "table2.md").read_text()
-    acc = long[(long["architecture"] == "good") & (long["eval_set"] == "TEST")
+    acc = long[(long["architecture"] == "resnet50") & (long["eval_set"] == "TEST")
                & (long["metric"] == "accuracy")]["value"]
     assert f"{acc.mean():.3f} ± {acc.std():.3f}" in table
     assert "| Accuracy | mean ± sd |" in table
     assert re.search(r"\|  \| 1 \| " + CI.pattern, table)
     assert re.search(r"\|  \| 2 \| " + CI.pattern, table)
 
-    # McNemar: one pair per (set, seed), Holm within the block, good beats weak
+    # McNemar: one pair per (set, seed), Holm within the block, resnet50 beats alexnet
     pairs = pd.read_csv(out / "mcnemar.csv")
     assert len(pairs) == 4
     assert set(pairs["seed"]) == {1, 2}
@@ -140,7 +140,7 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     assert test_pairs["significant"].all()
     assert (test_pairs["p_holm"] == test_pairs["p_value"]).all()  # one pair: Holm changes nothing
     matrix = pd.read_csv(out / "mcnemar_paper_TEST.csv").set_index("architecture")
-    assert matrix.loc["good", "weak"] == matrix.loc["weak", "good"] < 0.05
+    assert matrix.loc["resnet50", "alexnet"] == matrix.loc["alexnet", "resnet50"] < 0.05
     for name in ("mcnemar_paper_TEST.png", "mcnemar_paper_paper_test.png", "leakage_gap.png",
                  "bars_paper_TEST.png"):
         assert (params.resolve(params.compare.figures_dir) / name).stat().st_size > 1000
@@ -153,8 +153,8 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
 
     # the report states the ranking and the significant differences from the numbers
     report = (out / "report.md").read_text()
-    assert "**good** > weak: significant in 2 of 2 seeds" in report
-    assert "**good** is significantly more accurate than every other architecture" in report
+    assert "**resnet50** > alexnet: significant in 2 of 2 seeds" in report
+    assert "**resnet50** is significantly more accurate than every other architecture" in report
     assert "17 of 40 `paper/paper_test` images (42.5%; 9 of 20 cells)" in report
     assert "n = 80 images, 40 cells" in report  # the effective n beside n
     assert "McNemar tests on the same cells" in report

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from dvc.utils.hydra import apply_overrides
 
 from wbc_transfer import cli
@@ -88,3 +90,39 @@ def test_per_architecture_overrides_are_typed_and_checked(tmp_path):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epochs": "x"}}}))
     with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size must be >= 32 px"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"input_size": 16}}}))
+
+
+def _make_overrides(target: str) -> list[str]:
+    """The `-S` values of a Makefile variable (PAPER_SCALE, BEST), as `dvc exp run` gets them."""
+    text = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"{target} ="))
+    return [v.strip("'") for v in re.findall(r"-S ('[^']*'|\S+)", line)]
+
+
+@pytest.mark.parametrize("target", ["PAPER_SCALE", "BEST"])
+def test_makefile_experiments_give_params_every_stage_can_read(tmp_path, target):
+    """`make paper` deleted train.overrides, which every train@ stage lists: DVC refused the stage."""
+    shutil.copyfile(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    overrides = _make_overrides(target)
+    assert overrides, target
+    apply_overrides(str(tmp_path / "params.yaml"), overrides)
+    params = load_params(tmp_path / "params.yaml")  # the loader accepts the result
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {p for stage in stages.values() for p in stage.get("do", stage).get("params", [])
+              if isinstance(p, str)}
+    for dotted in listed:  # DVC needs every listed parameter to exist
+        node = raw
+        for key in dotted.split("."):
+            assert isinstance(node, dict) and key in node, f"{target}: {dotted} missing"
+            node = node[key]
+    if target == "PAPER_SCALE":
+        assert params.train.recipe == "paper" and not params.train.overrides
+        assert set(params.train.protocols) == {"paper", "paper_grouped"}
+
+
+def test_unknown_architectures_are_refused_before_any_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.architectures: unknown architecture\(s\) \['resnet5'\]"):
+        load_params(write_params(tmp_path, "unused", **{"train.architectures": ["resnet5"]}))
+    with pytest.raises(ConfigError, match=r"train\.overrides: unknown architecture\(s\) \['vgg17'\]"):
+        load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg17": {"epochs": 1}}}))

@@ -21,10 +21,9 @@ from mlflow import MlflowClient
 
 from wbc_transfer import cli, tracking
 from wbc_transfer.config import Params, load_params
-from wbc_transfer.data import build_image_set
 from wbc_transfer.stages import evaluate, prepare, train
 
-from conftest import CLASSES, class_files, spread, terminate_when, write_params
+from conftest import CLASSES, class_files, prepare_tiny, terminate_when, write_params
 
 ARCH = "efficientnet_lite0"
 
@@ -39,18 +38,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     """paper.pt / heldout.pt at 32 px from real mirror images: paper train 7, val 2, test 2
     per class (28 training images: batch_size 3 leaves a last batch of one); TEST 2/class."""
     out = tmp_path_factory.mktemp("prepared")
-    paper, heldout = [], []
-    for cls in CLASSES:
-        files = spread(class_files(mirror, "TRAIN", cls), 11)
-        paper += [(f"TRAIN/{cls}/{f.name}", cls, "train" if i < 7 else "val" if i < 9 else "test")
-                  for i, f in enumerate(files)]
-        heldout += [(f"TEST/{cls}/{f.name}", cls, "test")
-                    for f in spread(class_files(mirror, "TEST", cls), 2)]
-    for name, rows in (("paper", paper), ("heldout", heldout)):
-        frame = pd.DataFrame(rows, columns=["path", "label", "split"])
-        build_image_set(frame, mirror, CLASSES, 32).save(out / f"{name}.pt")
-        (out / "splits").mkdir(exist_ok=True)
-        frame.to_csv(out / "splits" / f"{name}.csv", index=False)  # the split stage's manifests
+    prepare_tiny(mirror, out, n_train=7, n_val=2, n_test=2, n_heldout_test=2)
     return out
 
 

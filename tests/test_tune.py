@@ -20,10 +20,9 @@ from optuna.trial import TrialState
 
 from wbc_transfer import cli, tracking, tuning
 from wbc_transfer.config import ConfigError, Params, load_params
-from wbc_transfer.data import build_image_set
 from wbc_transfer.stages import tune
 
-from conftest import CLASSES, REPO_ROOT, class_files, spread, terminate_when, write_params
+from conftest import REPO_ROOT, prepare_tiny, terminate_when, write_params
 
 ARCH = "efficientnet_lite0"
 
@@ -39,17 +38,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
     """Prepared tensors (32 px) from real mirror images: paper train 8/class, validation
     2/class, paper test 3/class, TEST 3/class; one MLflow store for the module."""
     root = tmp_path_factory.mktemp("tune")
-    paper, heldout = [], []
-    for cls in CLASSES:
-        train = spread(class_files(mirror, "TRAIN", cls), 13)
-        paper += [(f"TRAIN/{cls}/{f.name}", cls, "train" if i < 8 else "val" if i < 10 else "test")
-                  for i, f in enumerate(train)]
-        heldout += [(f"TEST/{cls}/{f.name}", cls, "test")
-                    for f in spread(class_files(mirror, "TEST", cls), 3)]
     prepared = root / "prepared"
-    for name, rows in (("paper", paper), ("heldout", heldout)):
-        frame = pd.DataFrame(rows, columns=["path", "label", "split"])
-        build_image_set(frame, mirror, CLASSES, 32).save(prepared / f"{name}.pt")
+    prepare_tiny(mirror, prepared, n_train=8, n_val=2, n_test=3, n_heldout_test=3)
     return {"prepared": prepared, "mlflow": root / "mlflow.db"}
 
 

@@ -114,7 +114,7 @@ class TrainParams:
     reference_size: int = 224
     input_size: int | None = None  # px the network sees (None: prepare.image_size)
     # architecture -> {train parameter: value}: what differs for that architecture
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] | None = field(default_factory=dict)  # null: none
     validate_every: int = 0
     device: str = "auto"
     num_threads: int = 0
@@ -367,6 +367,14 @@ def train_params_for(params: Params, arch: str) -> TrainParams:
 def check(params: Params) -> None:
     """Range checks that would otherwise fail deep inside a stage."""
     problems: list[str] = []
+    from wbc_transfer.models import REGISTRY  # torch: imported only when params are checked
+
+    for name, archs in (("train.architectures", params.train.architectures),
+                        ("train.overrides", tuple(params.train.overrides or {})),
+                        ("tune.architectures", params.tune.architectures)):
+        unknown = sorted(set(archs) - set(REGISTRY))
+        if unknown:
+            problems.append(f"{name}: unknown architecture(s) {unknown}; known: {sorted(REGISTRY)}")
     if params.validate.policy not in {"strict", "lenient"}:
         problems.append(f"validate.policy must be 'strict' or 'lenient', got {params.validate.policy!r}")
     paper = params.split.paper
