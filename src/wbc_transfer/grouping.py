@@ -162,6 +162,16 @@ def _representatives(labels: np.ndarray, k: int) -> dict[int, np.ndarray]:
     return {int(c): np.flatnonzero(labels == c)[:k] for c in np.unique(labels)}
 
 
+def nearest(vectors: np.ndarray, k: int, excluded: np.ndarray | None = None) -> np.ndarray:
+    """(N, k) int indices: for each row of unit vectors (N x D), the k others of highest
+    cosine similarity; pairs where `excluded` (bool N x N) is True are never chosen."""
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    if excluded is not None:
+        similarity[excluded] = -np.inf
+    return np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+
+
 def cluster(described: Sequence[Described], settings: GroupingSettings,
             desc: str = "match") -> np.ndarray:
     """Component label (int64, N) per image of one block: same label = same cell."""
@@ -169,10 +179,7 @@ def cluster(described: Sequence[Described], settings: GroupingSettings,
     if n < 2:
         return np.zeros(n, dtype=np.int64)
     hist = np.stack([d.histogram for d in described])
-    similarity = hist @ hist.T
-    np.fill_diagonal(similarity, -np.inf)
-    k = min(settings.candidates, n - 1)
-    neighbours = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    neighbours = nearest(hist, min(settings.candidates, n - 1))
     checked: set[tuple[int, int]] = set()
     edges: list[tuple[int, int]] = []
     for i in tqdm(range(n), desc=desc, unit="img", mininterval=2):
@@ -203,11 +210,8 @@ def merge_components(described: Sequence[Described], labels: np.ndarray,
                 for c, m in members.items()}
         centroids = np.stack([hist[members[int(c)]].mean(0) for c in ids])
         centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-        similarity = centroids @ centroids.T
-        np.fill_diagonal(similarity, -np.inf)
-        k = min(settings.candidates, len(ids) - 1)
         edges: list[tuple[int, int]] = []
-        for a, near in enumerate(np.argpartition(-similarity, k - 1, axis=1)[:, :k]):
+        for a, near in enumerate(nearest(centroids, min(settings.candidates, len(ids) - 1))):
             for b in near:
                 if a < b and any(inliers(described[i], described[j]) >= settings.min_inliers
                                  for i in reps[int(ids[a])] for j in reps[int(ids[b])]):
@@ -267,11 +271,10 @@ def cross_block_matches(reps: Sequence[tuple[str, Described]], settings: Groupin
     if len(reps) > 1:
         hist = np.stack([d.histogram for _, d in reps])
         block = np.array([g.rsplit("/", 1)[0] for g, _ in reps])
-        similarity = hist @ hist.T
-        similarity[block[:, None] == block[None, :]] = -np.inf
-        k = min(settings.candidates, len(reps) - 1)
         seen: set[tuple[int, int]] = set()
-        for i, near in enumerate(np.argsort(-similarity, axis=1)[:, :k]):
+        neighbours = nearest(hist, min(settings.candidates, len(reps) - 1),
+                             excluded=block[:, None] == block[None, :])
+        for i, near in enumerate(neighbours):
             for j in near:
                 pair = (min(i, int(j)), max(i, int(j)))
                 if block[pair[0]] == block[pair[1]] or pair in seen:

@@ -24,6 +24,7 @@ from torch import nn
 
 from wbc_transfer.config import TrainParams
 from wbc_transfer.data import TrainAugment
+from wbc_transfer.engine import make_optimizer as engine_make_optimizer
 from wbc_transfer.engine import parameter_groups
 
 RECIPES = ("paper", "modern")
@@ -34,12 +35,11 @@ def make_optimizer(t: TrainParams, model: nn.Module, head: nn.Module, lr: float 
     """SGD with momentum (paper) or AdamW (modern); `lr`/`head_lr_factor` override `t`'s
     (tuning). `fused`: torch's fused kernel (benchmark only)."""
     lr = t.lr if lr is None else lr
-    groups = parameter_groups(model, head, lr, t.head_lr_factor if head_lr_factor is None
-                              else head_lr_factor)
-    extra = {"fused": True} if fused else {}
-    if t.recipe == "modern":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay, **extra)
-    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, **extra)
+    factor = t.head_lr_factor if head_lr_factor is None else head_lr_factor
+    if t.recipe != "modern":
+        return engine_make_optimizer(model, head, lr, factor, t.momentum, fused)
+    return torch.optim.AdamW(parameter_groups(model, head, lr, factor), lr=lr,
+                             weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
 
 
 def make_scheduler(t: TrainParams, optimizer: torch.optim.Optimizer,
