@@ -131,6 +131,10 @@ class EvaluateParams:
     channels_last: bool = True
     tta: bool = False  # average the softmax of the image and its horizontal flip
     out_dir: str = "results/eval"
+    calibration_bins: int = 15  # equal-width confidence bins of ECE and the reliability diagram
+    review_accuracy: float = 0.99  # accuracy the review threshold must reach on validation
+    gallery_sets: tuple[str, ...] = ("TEST",)  # evaluation sets that get Grad-CAM galleries
+    gallery_correct: int = 3  # correctly classified cells shown per class (every wrong cell is)
 
 
 @dataclass(frozen=True)
@@ -434,6 +438,13 @@ def check(params: Params) -> None:
         problems.append(f"promote.eval_set must be 'validation' (the leak-free validation cells): "
                         f"a test set ({params.promote.eval_set!r}) may be reported, never used to "
                         f"choose the champion")
+    e = params.evaluate
+    if e.calibration_bins < 1:
+        problems.append(f"evaluate.calibration_bins must be >= 1, got {e.calibration_bins}")
+    if not 0 < e.review_accuracy <= 1:
+        problems.append(f"evaluate.review_accuracy must be in (0, 1], got {e.review_accuracy}")
+    if e.gallery_correct < 0:
+        problems.append(f"evaluate.gallery_correct must be >= 0, got {e.gallery_correct}")
     if params.compare.bootstrap < 0:
         problems.append("compare.bootstrap must be >= 0")
     if not 0 < params.compare.confidence < 1:

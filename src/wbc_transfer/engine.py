@@ -119,6 +119,8 @@ class EvalResult:
     probabilities: np.ndarray
     predictions: np.ndarray
     labels: np.ndarray
+    logits: np.ndarray | None = None  # float N x K, before temperature scaling
+    temperature: float = 1.0
 
 
 @torch.inference_mode()
@@ -144,10 +146,14 @@ def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: 
 
 def evaluate(model: nn.Module, data: ImageSet, mean: Sequence[float], std: Sequence[float],
              device: torch.device, batch_size: int = 64,
-             amp: torch.dtype | None = None, tta: bool = False) -> EvalResult:
+             amp: torch.dtype | None = None, tta: bool = False,
+             temperature: float = 1.0) -> EvalResult:
     """Loss (cross-entropy, nats), accuracy and macro-F1 of `model` on `data`, with the
-    per-image probabilities (float N x K) and predictions (int N)."""
-    logits = predict(model, data.images, mean, std, device, batch_size, amp, tta)
+    per-image probabilities (float N x K, softmax of logits / `temperature`: calibrated when
+    it is the fitted temperature, see `wbc_transfer.calibration`), predictions (int N) and the
+    raw logits. The temperature never changes the predictions."""
+    raw = predict(model, data.images, mean, std, device, batch_size, amp, tta)
+    logits = raw / float(temperature)
     labels = data.labels
     loss = float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
     probs = torch.softmax(logits, dim=1).numpy()
@@ -158,7 +164,8 @@ def evaluate(model: nn.Module, data: ImageSet, mean: Sequence[float], std: Seque
         accuracy=float(accuracy_score(y, preds)),
         f1_macro=float(f1_score(y, preds, average="macro", labels=range(len(data.classes)),
                                 zero_division=0)),
-        probabilities=probs, predictions=preds, labels=y,
+        probabilities=probs, predictions=preds, labels=y, logits=raw.numpy(),
+        temperature=float(temperature),
     )
 
 

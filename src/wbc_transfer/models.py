@@ -75,6 +75,8 @@ class Architecture:
     weights_url: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # the layer Grad-CAM explains (attribute path): the last convolutional feature map
+    cam_layer: str = ""
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -313,15 +315,23 @@ def build(name: str, num_classes: int, weights: str = "auto", image_size: int = 
     return Built(model=model, head=head, weights_source=source, mean=arch.mean, std=arch.std)
 
 
+def cam_layer(name: str, model: nn.Module) -> nn.Module:
+    """The module of `model` (built as architecture `name`) whose output Grad-CAM weighs: the
+    last convolutional feature map (`Architecture.cam_layer`). KeyError if `name` is unknown."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(REGISTRY)}")
+    return _get(model, REGISTRY[name].cam_layer)
+
+
 def is_pretrained(weights_source: str) -> bool:
     return weights_source.startswith(("imagenet:", "file:"))
 
 
 def _torchvision(name: str, make: Callable[[bool, int], nn.Module], head_path: str,
-                 weights: tv.WeightsEnum,
+                 weights: tv.WeightsEnum, cam: str,
                  loader: Callable[[nn.Module], str] | None = None) -> Architecture:
     return Architecture(name, make, head_path, loader or _torchvision_loader(weights),
-                        _torchvision_file(weights), weights.url)
+                        _torchvision_file(weights), weights.url, cam_layer=cam)
 
 
 def _lite(variant: int) -> Architecture:
@@ -329,16 +339,20 @@ def _lite(variant: int) -> Architecture:
         f"efficientnet_lite{variant}", _efficientnet_lite(variant), "_fc",
         _efficientnet_lite_loader(variant), _efficientnet_lite_file(variant),
         mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD,
+        cam_layer="_bn1",  # the 1280-channel head convolution's BatchNorm, before pooling
     )
 
 
+# Grad-CAM layers: the ReLU after the last convolution (AlexNet features.11, VGG-16 features.29;
+# their in-place ReLU hands the hook its finished output), ResNet-50's layer4, GoogLeNet's
+# inception5b: the last feature map before global pooling in each.
 register(_torchvision("alexnet", lambda p, s: tv.alexnet(weights=None), "classifier.6",
-                      tv.AlexNet_Weights.IMAGENET1K_V1))
+                      tv.AlexNet_Weights.IMAGENET1K_V1, "features.11"))
 register(_torchvision("googlenet", _googlenet, "fc", tv.GoogLeNet_Weights.IMAGENET1K_V1,
-                      _googlenet_loader))
+                      "inception5b", _googlenet_loader))
 register(_torchvision("resnet50", lambda p, s: tv.resnet50(weights=None), "fc",
-                      tv.ResNet50_Weights.IMAGENET1K_V1))
+                      tv.ResNet50_Weights.IMAGENET1K_V1, "layer4"))
 register(_torchvision("vgg16", lambda p, s: tv.vgg16(weights=None), "classifier.6",
-                      tv.VGG16_Weights.IMAGENET1K_V1))
+                      tv.VGG16_Weights.IMAGENET1K_V1, "features.29"))
 for _variant in EFFICIENTNET_LITE:
     register(_lite(_variant))

@@ -123,3 +123,83 @@ def leakage_dumbbell(gap: pd.DataFrame, metrics: dict[str, str], title: str, pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def confusion_matrix_normalised(matrix: np.ndarray, classes: Sequence[str], title: str,
+                                path: Path) -> Path:
+    """The confusion matrix with each row divided by its true-class total (recall on the
+    diagonal); rows without images stay 0."""
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ConfusionMatrixDisplay(share, display_labels=[c.title() for c in classes]).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format=".2f"
+    )
+    ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    return _save(fig, path)
+
+
+def reliability_diagram(before: pd.DataFrame, after: pd.DataFrame, title: str,
+                        path: Path) -> Path:
+    """Reliability diagram: accuracy per confidence bin before and after temperature scaling
+    (frames of `calibration.reliability_table`), the diagonal is perfect calibration; bar
+    widths are the bins, the lower panel the share of images per bin."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    width = (before["upper"] - before["lower"]).to_numpy()
+    for frame, label, colour, shift in ((before, "uncalibrated", "tab:red", 0.0),
+                                        (after, "temperature-scaled", "tab:blue", 0.5)):
+        x = frame["lower"].to_numpy() + width * (0.25 + shift / 2)
+        ax.bar(x, frame["accuracy"].fillna(0), width=width / 2, alpha=0.7, color=colour,
+               label=label, edgecolor="black", linewidth=0.3)
+        ax_n.bar(x, frame["images"] / max(int(frame["images"].sum()), 1), width=width / 2,
+                 alpha=0.7, color=colour)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    ax_n.set(xlabel="confidence (top probability)", ylabel="share of images", xlim=(0, 1))
+    for a in (ax, ax_n):
+        a.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def risk_coverage_curves(curves: dict[str, pd.DataFrame], title: str, path: Path,
+                         target: float | None = None, threshold: float | None = None) -> Path:
+    """Accuracy of the kept images against the share kept (one line per evaluation set, frames
+    of `calibration.risk_coverage`), with the target accuracy and, per set, the point of the
+    review threshold chosen on validation."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, curve in curves.items():
+        if curve.empty:
+            continue
+        line, = ax.plot(curve["coverage"], curve["accuracy"], "-", label=name)
+        if threshold is not None:
+            kept = curve[curve["threshold"] >= threshold]
+            if len(kept):
+                point = kept.iloc[-1]
+                ax.plot(point["coverage"], point["accuracy"], "o", color=line.get_color())
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target accuracy {target:g}")
+    ax.set(xlabel="coverage (share of images kept, the rest sent to review)",
+           ylabel="accuracy of the kept images", xlim=(0, 1.01), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def gallery(pictures: Sequence[np.ndarray], captions: Sequence[str], title: str, path: Path,
+            columns: int = 4) -> Path:
+    """A grid of RGB pictures (H x W x 3 uint8) with a caption under each."""
+    n = max(len(pictures), 1)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, picture, caption in zip(axes.ravel(), pictures, captions, strict=False):
+        ax.imshow(picture)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

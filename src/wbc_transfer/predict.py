@@ -1,8 +1,11 @@
 """`wbc-transfer predict`: classify image files, folders and globs with a registered pyfunc.
 
-One output row per image: ``path, predicted, confidence, p_<class>..., note, error``, as CSV or
-JSON lines, to stdout or a file. Files go through the model in batches (``--batch-size``) and
-the very same pyfunc that `mlflow models serve` runs, so the command line and HTTP answer alike.
+One output row per image: ``path, predicted, confidence, p_<class>..., review, note, error``
+(``confidence``: the temperature-calibrated top probability; ``review``: true when it is below
+``--review-below``), plus ``explanation`` (the Grad-CAM overlay PNG written under
+``--explain DIR``), as CSV or JSON lines, to stdout or a file. Files go through the model in
+batches (``--batch-size``) and the very same pyfunc that `mlflow models serve` runs, so the
+command line and HTTP answer alike.
 
 A file that cannot be classified (missing, unreadable, empty, truncated, not an image, absurdly
 large) gets a row with its ``error`` and the others are still classified; conversions that were
@@ -168,21 +171,34 @@ def classes_of(model) -> list[str]:
 # prediction
 
 
-def columns(classes: Sequence[str]) -> list[str]:
+def columns(classes: Sequence[str], explain: bool = False) -> list[str]:
     from wbc_transfer.serving import output_columns
 
-    return ["path", *output_columns(classes)]
+    return ["path", *output_columns(classes), *(["explanation"] if explain else [])]
+
+
+def explanation_file(folder: Path, index: int, path: str) -> Path:
+    """Where the overlay of output row `index` (input `path`) goes: <folder>/<index>-<stem>.png
+    (the index keeps files of one name in different folders apart)."""
+    stem = Path(path).stem or "image"
+    return folder / f"{index:05d}-{stem}.png"
 
 
 def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool = False,
-                  progress: bool = False) -> Iterator[dict[str, Any]]:
-    """Rows (dicts, in input order), one per item, computed `batch_size` files at a time."""
+                  progress: bool = False, review_below: float = 0.0,
+                  explain_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Rows (dicts, in input order), one per item, computed `batch_size` files at a time.
+
+    `review_below`: rows whose calibrated confidence is below it get review = true.
+    `explain_dir`: a Grad-CAM overlay PNG per classified image is written there (named by
+    `explanation_file`) and its path put in the row's `explanation`; error rows get none."""
     import pandas as pd
     from tqdm import tqdm
 
+    from wbc_transfer.explain import save_overlay
     from wbc_transfer.images import ImageError, read_file
 
-    cols = columns(classes_of(model))
+    cols = columns(classes_of(model), explain_dir is not None)
     bar = tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr,
                disable=not progress, mininterval=0.5, smoothing=0.1)
     try:
@@ -202,10 +218,20 @@ def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool 
                     rows[i]["error"] = str(exc)
             if todo:
                 try:
-                    out = model.predict(pd.DataFrame({"image": data}),
-                                        params={"tta": tta, "batch_size": batch_size})
-                    for i, record in zip(todo, out.to_dict(orient="records"), strict=True):
-                        rows[i].update({k: v for k, v in record.items() if k in rows[i]})
+                    maps: dict[int, Any] = {}
+                    if explain_dir is None:
+                        out = model.predict(pd.DataFrame({"image": data}),
+                                            params={"tta": tta, "batch_size": batch_size,
+                                                    "review_below": review_below})
+                    else:  # the same rows, from the pyfunc's classifier, with Grad-CAM maps
+                        out, maps = model.unwrap_python_model().classifier.classify_bytes(
+                            data, tta, batch_size, review_below, explain=True)
+                    for k, (i, record) in enumerate(zip(todo, out.to_dict(orient="records"),
+                                                        strict=True)):
+                        rows[i].update({key: v for key, v in record.items() if key in rows[i]})
+                        if k in maps:
+                            file = explanation_file(explain_dir, start + i, rows[i]["path"])
+                            rows[i]["explanation"] = str(save_overlay(*maps[k], file))
                 except Exception as exc:  # the model itself failed: these rows say so
                     for i in todo:
                         rows[i]["error"] = f"prediction failed: {type(exc).__name__}: {exc}"
@@ -242,6 +268,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average with the horizontally flipped image")
+    p.add_argument("--review-below", type=float, default=0.0, metavar="P",
+                   help="flag rows whose calibrated confidence is below P (0-1) for human "
+                        "review: column `review` (default 0: none)")
+    p.add_argument("--explain", default=None, metavar="DIR",
+                   help="write a Grad-CAM overlay PNG per classified image into DIR "
+                        "(column `explanation`)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else the "
                         "project's mlflow.db)")
@@ -254,6 +286,11 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print("wbc-transfer predict: --batch-size must be >= 1", file=sys.stderr)
         return 2
+    if not 0.0 <= args.review_below <= 1.0:
+        print(f"wbc-transfer predict: --review-below must be between 0 and 1, got "
+              f"{args.review_below}", file=sys.stderr)
+        return 2
+    explain_dir = Path(args.explain) if args.explain else None
     fmt = args.format or ("jsonl" if args.output and args.output.endswith((".jsonl", ".json"))
                           else "csv")
     items = collect(args.paths)
@@ -270,9 +307,10 @@ def main(args: argparse.Namespace) -> int:
     stream = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     n_ok = n_err = 0
     try:
-        writer = Writer(stream, fmt, columns(classes_of(model)))
+        writer = Writer(stream, fmt, columns(classes_of(model), explain_dir is not None))
         progress = not args.quiet and len(items) > args.batch_size
-        for row in predict_items(model, items, args.batch_size, args.tta, progress):
+        for row in predict_items(model, items, args.batch_size, args.tta, progress,
+                                 args.review_below, explain_dir):
             writer.write(row)
             if row["error"]:
                 n_err += 1
@@ -287,5 +325,6 @@ def main(args: argparse.Namespace) -> int:
         rate = n_ok / (done - loaded) if done > loaded else float("nan")
         print(f"wbc-transfer predict: {n_ok} classified, {n_err} failed "
               f"({args.model}, model load {loaded - started:.1f}s, {rate:.1f} img/s"
-              f"{', tta' if args.tta else ''})", file=sys.stderr)
+              f"{', tta' if args.tta else ''}{', explained' if explain_dir else ''})",
+              file=sys.stderr)
     return 0

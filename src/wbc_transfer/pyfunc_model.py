@@ -30,6 +30,7 @@ class WBCClassifier(PythonModel):
         return self.classifier.predict_bytes(
             input_values(model_input), tta=bool(params.get("tta", False)),
             batch_size=max(1, int(params.get("batch_size", 32))),
+            review_below=float(params.get("review_below", 0.0) or 0.0),
         )
 
 

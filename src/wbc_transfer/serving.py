@@ -6,7 +6,8 @@ and two artifacts travel with it:
 
 - ``weights.pt``: the network's ``state_dict``, loaded with ``torch.load(weights_only=True)``
   (tensors only; no pickled classes are ever rebuilt);
-- ``config.json``: architecture, image_size, mean, std, classes.
+- ``config.json``: architecture, image_size, mean, std, classes, temperature (the scalar fitted
+  on the validation cells at training time; probabilities are softmax(logits / temperature)).
 
 The network is rebuilt from code with ``wbc_transfer.models.build(arch, n, "none", size)``, so
 the serving environment needs this package installed (``--env-manager local``).
@@ -16,10 +17,13 @@ base64 strings of a ``dataframe_split``/``dataframe_records`` payload). The sign
 the column as ``string``, not ``binary``: for a binary column MLflow's scoring server decodes
 the base64 of the whole batch itself and answers 400 for all of it when one row is not valid
 base64; here each row is decoded on its own. Output: one row per input row with
-``predicted``, ``confidence``, ``p_<class>`` for every class, ``note`` (what was converted, e.g.
+``predicted``, ``confidence`` (calibrated top probability), ``p_<class>`` for every class,
+``review`` (true when the confidence is below the ``review_below`` param: send to a person),
+``note`` (what was converted, e.g.
 EXIF orientation applied, grayscale to RGB) and ``error`` (why the row could not be classified,
 e.g. not valid base64); a bad row never fails the batch. Decoding is `wbc_transfer.images`, the
-decoder of every pipeline stage. Params: ``tta`` (horizontal-flip average), ``batch_size``.
+decoder of every pipeline stage. Params: ``tta`` (horizontal-flip average), ``batch_size``,
+``review_below`` (0: nothing flagged).
 
 Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
 does: the artifact store must be as trusted as the code it holds), reads MLmodel/JSON and
@@ -56,11 +60,12 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "classifier"  # the logged model's name in the winning run
 MARKER_KEY = "wbc_transfer_pyfunc"  # MLmodel metadata key that identifies this format
-FORMAT_VERSION = 2  # 2: input column `string` (base64 decoded per row), was `binary`
+FORMAT_VERSION = 3  # 3: temperature + `review` column; 2: input column `string`, was `binary`
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_COLUMN = "image"
 
 CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
+OPTIONAL_CONFIG = {"temperature": 1.0}  # older models: uncalibrated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +98,9 @@ def read_config(file: str | Path) -> dict[str, Any]:
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"{file}: config lacks {missing}")
+    config = {**OPTIONAL_CONFIG, **config}
+    if not float(config["temperature"]) > 0:
+        raise ValueError(f"{file}: temperature must be > 0, got {config['temperature']!r}")
     return config
 
 
@@ -134,29 +142,74 @@ class Classifier:
         # the same resize as the `prepare` stage (torchvision, bilinear, antialiased)
         return TF.resize(image, [size, size], antialias=True), note
 
+    @property
+    def temperature(self) -> float:
+        return float(self.config.get("temperature", 1.0))
+
+    def _calibrated(self, logits: torch.Tensor, x: torch.Tensor, tta: bool) -> torch.Tensor:
+        """softmax(log p / temperature), p the softmax of `logits` (averaged with the flipped
+        image's under `tta`): the evaluate stage's calibrated probabilities."""
+        from wbc_transfer.engine import logits_of
+
+        if tta:
+            flipped = logits_of(self.model(torch.flip(x, dims=[3]))).float()
+            logits = torch.log((logits.softmax(1) + flipped.softmax(1)) / 2)
+        return torch.softmax(logits / self.temperature, dim=1)
+
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Calibrated float N x K probabilities of uint8 N x 3 x S x S images."""
         from wbc_transfer.data import normalise
         from wbc_transfer.engine import logits_of
 
         x = normalise(images, self.config["mean"], self.config["std"]).to(self.device)
-        probs = torch.softmax(logits_of(self.model(x)).float(), dim=1)
-        if tta:
-            flipped = torch.softmax(logits_of(self.model(torch.flip(x, dims=[3]))).float(), dim=1)
-            probs = (probs + flipped) / 2
-        return probs.cpu()
+        return self._calibrated(logits_of(self.model(x)).float(), x, tta).cpu()
 
-    def predict_bytes(self, values: Iterable[Any], tta: bool = False,
-                      batch_size: int = 32) -> pd.DataFrame:
-        """One output row per input value; undecodable inputs get an `error`, never raise."""
+    def probabilities_and_cams(self, images: torch.Tensor,
+                               tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`probabilities` and the Grad-CAM map (float N x S x S in [0, 1]) of each image's
+        predicted class, from one forward and one backward pass (`wbc_transfer.explain`)."""
+        from wbc_transfer import explain, models
+        from wbc_transfer.data import normalise
+
+        x = normalise(images, self.config["mean"], self.config["std"]).to(self.device)
+        layer = models.cam_layer(self.config["architecture"], self.model)
+        logits, cams = explain.grad_cam(self.model, layer, x)
+        with torch.inference_mode():
+            probs = self._calibrated(logits.to(self.device), x, tta).cpu()
+        if tta:  # the flipped image may change the top class: explain the class predicted
+            changed = (probs.argmax(1) != logits.argmax(1)).nonzero().flatten()
+            if len(changed):
+                _, redo = explain.grad_cam(self.model, layer, x[changed], probs.argmax(1)[changed])
+                cams[changed] = redo
+        return probs, cams
+
+    def predict_bytes(self, values: Iterable[Any], tta: bool = False, batch_size: int = 32,
+                      review_below: float = 0.0) -> pd.DataFrame:
+        """One output row per input value; undecodable inputs get an `error`, never raise.
+        `review` is true where the calibrated confidence is below `review_below`."""
+        return self.classify_bytes(values, tta, batch_size, review_below)[0]
+
+    def classify_bytes(self, values: Iterable[Any], tta: bool = False, batch_size: int = 32,
+                       review_below: float = 0.0, explain: bool = False,
+                       ) -> tuple[pd.DataFrame, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """`predict_bytes`'s rows and, with `explain`, row index -> (the uint8 3 x S x S image
+        the network saw, its Grad-CAM map S x S) for every classified row."""
         rows: list[dict[str, Any]] = []
         pending: list[tuple[int, torch.Tensor]] = []
+        maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def flush() -> None:
             if not pending:
                 return
+            batch = torch.stack([t for _, t in pending])
             try:
-                probs = self.probabilities(torch.stack([t for _, t in pending]), tta).numpy()
+                if explain:
+                    probs_t, cams = self.probabilities_and_cams(batch, tta)
+                    maps.update({i: (t, cam) for (i, t), cam in zip(pending, cams, strict=True)})
+                else:
+                    probs_t = self.probabilities(batch, tta)
+                probs = probs_t.numpy()
             except Exception as exc:  # e.g. out of memory: the rows fail, the batch goes on
                 for i, _ in pending:
                     rows[i].update(error=f"inference failed: {type(exc).__name__}: {exc}")
@@ -164,6 +217,7 @@ class Classifier:
                 for (i, _), p in zip(pending, probs, strict=True):
                     best = int(p.argmax())
                     rows[i].update(predicted=self.classes[best], confidence=float(p[best]),
+                                   review=bool(p[best] < review_below),
                                    **{f"p_{c}": float(v) for c, v in zip(self.classes, p,
                                                                          strict=True)})
             pending.clear()
@@ -185,11 +239,11 @@ class Classifier:
                 flush()
         flush()
         frame = pd.DataFrame(rows, columns=self.columns).astype(object)
-        return frame.where(frame.notna(), None)  # JSON null, not NaN, for failed rows
+        return frame.where(frame.notna(), None), maps  # JSON null, not NaN, for failed rows
 
 
 def output_columns(classes: Sequence[str]) -> list[str]:
-    return ["predicted", "confidence", *[f"p_{c}" for c in classes], "note", "error"]
+    return ["predicted", "confidence", *[f"p_{c}" for c in classes], "review", "note", "error"]
 
 
 def input_values(frame: pd.DataFrame | Any) -> list[Any]:
@@ -217,7 +271,8 @@ def signature():
         # whole batch and fail all of it on one bad row; `as_bytes` decodes row by row
         inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
         params=ParamSchema([ParamSpec("tta", DataType.boolean, False),
-                            ParamSpec("batch_size", DataType.long, 32)]),
+                            ParamSpec("batch_size", DataType.long, 32),
+                            ParamSpec("review_below", DataType.double, 0.0)]),
     )
 
 
@@ -246,7 +301,8 @@ def config_from_run_json(info: dict[str, Any]) -> dict[str, Any]:
     """The pyfunc config from a training `run.json` (results/train/<name>/run.json)."""
     return {"architecture": info["architecture"], "image_size": int(info["image_size"]),
             "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
-            "classes": list(info["classes"])}
+            "classes": list(info["classes"]),
+            "temperature": float(info.get("temperature", 1.0))}
 
 
 def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTIFACT_NAME,
@@ -254,7 +310,8 @@ def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTI
     """Log the pyfunc into the active run; returns MLflow's ModelInfo."""
     import mlflow
 
-    config = {k: config[k] for k in CONFIG_KEYS}
+    config = {**{k: config[k] for k in CONFIG_KEYS},
+              **{k: config.get(k, v) for k, v in OPTIONAL_CONFIG.items()}}
     digest = file_sha256(weights)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet stage logs
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

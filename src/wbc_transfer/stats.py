@@ -64,24 +64,23 @@ def bootstrap_counts(n_groups: int, n_resamples: int, seed: int,
     return counts
 
 
-def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-                           n_classes: int, n_resamples: int = 1000, seed: int = 42,
-                           groups: Sequence[str] | np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """metric -> its value on each of n_resamples cluster-bootstrap resamples (groups drawn
-    with replacement within their class; images are the groups when `groups` is None)."""
+def _resampled_scores(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                      n_classes: int, n_resamples: int, seed: int,
+                      groups: Sequence[str] | np.ndarray | None):
+    """Yield, chunk by chunk of resamples, (accuracy (b,), precision, recall, f1 (b, K)) of
+    the stratified cluster-bootstrap resamples (see the module docstring)."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of one length: {y_true.shape}, "
                          f"{y_pred.shape}")
     n = len(y_true)
     if n == 0 or n_resamples < 1:
-        return {m: np.empty(0) for m in CI_METRICS}
+        return
     codes = group_codes(groups, n)
     n_groups = int(codes.max()) + 1
     strata = np.zeros(n_groups, dtype=np.int64)
     strata[codes] = y_true  # a group's class (groups never span classes)
     counts = bootstrap_counts(n_groups, n_resamples, seed, strata)
-    out: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
     chunk = max(1, _CHUNK_ITEMS // n)
     for start in range(0, n_resamples, chunk):
         weights = counts[start:start + chunk][:, codes].astype(np.float64)  # (b, n)
@@ -92,11 +91,45 @@ def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
             labels=np.arange(b * n_classes), average=None, zero_division=0,
             sample_weight=weights.ravel(),
         )
-        out["accuracy"].append((weights * (y_true == y_pred)).sum(1) / weights.sum(1))
-        out["precision_macro"].append(precision.reshape(b, n_classes).mean(axis=1))
-        out["recall_macro"].append(recall.reshape(b, n_classes).mean(axis=1))
-        out["f1_macro"].append(f1.reshape(b, n_classes).mean(axis=1))
+        yield ((weights * (y_true == y_pred)).sum(1) / weights.sum(1),
+               precision.reshape(b, n_classes), recall.reshape(b, n_classes),
+               f1.reshape(b, n_classes))
+
+
+def bootstrap_distribution(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                           n_classes: int, n_resamples: int = 1000, seed: int = 42,
+                           groups: Sequence[str] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """metric -> its value on each of n_resamples cluster-bootstrap resamples (groups drawn
+    with replacement within their class; images are the groups when `groups` is None)."""
+    out: dict[str, list[np.ndarray]] = {m: [np.empty(0)] for m in CI_METRICS}
+    for accuracy, precision, recall, f1 in _resampled_scores(y_true, y_pred, n_classes,
+                                                             n_resamples, seed, groups):
+        out["accuracy"].append(accuracy)
+        out["precision_macro"].append(precision.mean(axis=1))
+        out["recall_macro"].append(recall.mean(axis=1))
+        out["f1_macro"].append(f1.mean(axis=1))
     return {m: np.concatenate(v) for m, v in out.items()}
+
+
+def per_class_intervals(params: Params, y_true: np.ndarray, y_pred: np.ndarray,
+                        classes: Sequence[str],
+                        groups: Sequence[str] | np.ndarray | None = None,
+                        ) -> dict[str, dict[str, list[float]]]:
+    """class -> {precision, recall, f1} -> [low, high]: the same resamples as `intervals` (same
+    seed, cells drawn within their class), scored per class. Empty when compare.bootstrap is 0."""
+    c = params.compare
+    parts: dict[str, list[np.ndarray]] = {"precision": [], "recall": [], "f1": []}
+    for _, precision, recall, f1 in _resampled_scores(y_true, y_pred, len(classes), c.bootstrap,
+                                                      c.seed, groups):
+        parts["precision"].append(precision)
+        parts["recall"].append(recall)
+        parts["f1"].append(f1)
+    if not parts["f1"]:
+        return {}
+    stacked = {m: np.concatenate(v) for m, v in parts.items()}
+    return {cls: {m: [round(v, 6) for v in percentile_interval(stacked[m][:, k], c.confidence)]
+                  for m in stacked}
+            for k, cls in enumerate(classes)}
 
 
 def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:

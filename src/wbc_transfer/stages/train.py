@@ -12,7 +12,7 @@ import torch
 from mlflow.models import infer_signature
 from tqdm import tqdm
 
-from wbc_transfer import models, recipe, tracking
+from wbc_transfer import calibration, models, recipe, tracking
 from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
@@ -159,9 +159,11 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             model.load_state_dict(best["model"])
             kept_epoch = int(best["epoch"])
         kept = history[kept_epoch - 1]
+        calibrated = fit_temperature(model, val_set, built, device, params.evaluate.batch_size,
+                                     amp, tta)
         mlflow.log_metrics({"selected_epoch": kept_epoch, "selected_val_f1_macro": kept["val_f1_macro"],
                             "selected_val_accuracy": kept["val_accuracy"],
-                            "epochs_run": len(history)})
+                            "epochs_run": len(history), **calibrated})
         # throughput is a timing, different on every run: MLflow only, not in DVC's files
         frame = pd.DataFrame(history).drop(columns=["train_images_per_s"], errors="ignore")
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -171,20 +173,38 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 "weights_source": built.weights_source, "image_size": data.size,
                 "mean": list(built.mean), "std": list(built.std), "classes": data.classes,
                 "validation_split": "val", "recipe": t.recipe, "tta": tta,
-                "selected_epoch": kept_epoch}
+                "selected_epoch": kept_epoch, "temperature": calibrated["temperature"],
+                "temperature_fitted_on": f"validation cells ({len(val_set)} images, "
+                                         f"{len(set(val_set.groups or val_set.paths))} cells)"}
         write_json(out / "run.json", info)
         write_json(out / "metrics.json", {
             **{k: v for k, v in kept.items() if k in frame.columns},
             "selected_epoch": kept_epoch, "epochs_run": len(history),
             "selected_by": "validation macro-F1 (leak-free validation cells)" if t.keep == "best"
                            else "last epoch",
-            "weights_source": built.weights_source})
+            "weights_source": built.weights_source, **calibrated})
         curves = training_curves(frame, f"{name} ({built.weights_source})", out / "curves.png")
         mlflow.log_artifact(str(curves))
         mlflow.log_artifact(str(out / "history.csv"))
         log_model(model_cpu, data, built.mean, built.std)
     checkpoint.remove()
     return info
+
+
+def fit_temperature(model: torch.nn.Module, val_set: ImageSet, built: models.Built,
+                    device: torch.device, batch_size: int, amp: torch.dtype | None,
+                    tta: bool) -> dict[str, float]:
+    """Temperature scaling of the kept model, fitted by NLL on the leak-free validation cells
+    (`wbc_transfer.calibration.fit_temperature`; never a test set), with the validation NLL
+    and ECE before and after it (the keys logged to MLflow and written to metrics.json)."""
+    r = evaluate(model, val_set, built.mean, built.std, device, batch_size, amp, tta=tta)
+    temperature = calibration.fit_temperature(r.logits, r.labels)
+    before, after = calibration.softmax(r.logits), calibration.softmax(r.logits, temperature)
+    return {"temperature": round(temperature, 6),
+            "val_nll_uncalibrated": calibration.nll(r.logits, r.labels),
+            "val_nll": calibration.nll(r.logits, r.labels, temperature),
+            "val_ece_uncalibrated": calibration.ece(before, r.labels),
+            "val_ece": calibration.ece(after, r.labels)}
 
 
 def log_model(model: torch.nn.Module, data: ImageSet, mean, std) -> None:
