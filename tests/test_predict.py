@@ -91,7 +91,8 @@ def test_predict_folder_csv(champion, images, capsys):
     assert code == 0, err
     rows = read_rows(out, "csv")
     assert [r["path"] for r in rows] == [str(p) for p in images]  # recursive, sorted
-    assert list(rows[0]) == ["path", "predicted", "confidence", *PROB_COLUMNS, "note", "error"]
+    assert list(rows[0]) == ["path", "predicted", "confidence", *PROB_COLUMNS, "review", "note",
+                             "error"]
     for row in rows:
         probs = [float(row[c]) for c in PROB_COLUMNS]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)

@@ -179,3 +179,20 @@ def test_a_bad_base64_row_gets_its_error_and_the_others_are_classified(mirror, c
                         (served[4], "no image data")):
         assert reason in bad["error"] and bad["predicted"] is None
         assert all(bad[c] is None for c in PROB_COLUMNS)
+
+
+def test_the_http_answer_carries_the_review_flag(mirror, champion, server, tmp_path, capsys):
+    """Issue 14: `review_below` as a request parameter flags exactly the rows whose calibrated
+    confidence is below it, as `--review-below` does on the command line."""
+    files = real_images(mirror, tmp_path / "cells")
+    plain = invoke(server, [f.read_bytes() for f in files])
+    assert all(row["review"] is False for row in plain)  # nothing flagged by default
+    threshold = float(np.median([row["confidence"] for row in plain]))
+    served = invoke(server, [f.read_bytes() for f in files] + [b"not an image"],
+                    {"review_below": threshold})
+    cli = cli_rows(files, champion.tracking_uri, capsys, "--review-below", str(threshold))
+    for http, row in zip(served, cli, strict=False):
+        assert http["review"] is (http["confidence"] < threshold)
+        assert str(http["review"]) == row["review"]
+    assert 0 < sum(row["review"] for row in served[:-1]) < len(files)
+    assert served[-1]["error"] and served[-1]["review"] is None
