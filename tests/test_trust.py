@@ -116,7 +116,8 @@ def trained(tmp_path_factory, mirror):
         "prepare.out_dir": str(prepared), "split.out_dir": str(prepared / "splits"),
         "train.weights": "auto", "train.epochs": 1, "train.batch_size": 4,
         "train.num_threads": 1, "evaluate.max_per_class": None, "compare.bootstrap": 20,
-        "evaluate.gallery_correct": 1}))
+        "evaluate.gallery_correct": 1, "train.architectures": ["efficientnet_lite0"],
+        "train.protocols": ["paper"], "train.seeds": [1]}))
     info = train.main(params, arch="efficientnet_lite0", protocol="paper", seed=1)
     summary = evaluate.main(params, arch="efficientnet_lite0", protocol="paper", seed=1)
     return params, info, summary
@@ -165,6 +166,23 @@ def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(tr
     metrics = client.get_run(info["run_id"]).data.metrics
     assert "TEST_ece" in metrics and "TEST_ece_uncalibrated" in metrics
     assert f"TEST_{CLASSES[0]}_f1_ci_low" in metrics and "temperature" in metrics
+
+
+def test_the_report_links_calibration_review_and_per_class_results(trained):
+    from wbc_transfer.trust_report import trust_markdown
+
+    params, _, summary = trained
+    report_dir = params.resolve(params.compare.out_dir)
+    text = trust_markdown(params, report_dir)
+    for set_name in ("validation", "paper_test", "TEST"):
+        cal = summary["sets"][set_name]["calibration"]
+        assert f"| efficientnet_lite0-paper-1 | `{set_name}` |" in text
+        assert f"{cal['ece_uncalibrated']:.3f} → {cal['ece']:.3f}" in text
+        for cls in CLASSES:
+            assert f"| efficientnet_lite0-paper-1 | `{set_name}` | {cls} |" in text
+    assert "(../eval/efficientnet_lite0-paper-1/figures/gradcam_TEST_MONOCYTE.png)" in text
+    assert "(../eval/efficientnet_lite0-paper-1/figures/risk_coverage.png)" in text
+    assert "[Grad-CAM monocyte]" in text
 
 
 def test_gallery_shows_every_misclassified_cell_once_and_some_correct_ones():

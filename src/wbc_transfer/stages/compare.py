@@ -9,7 +9,8 @@ PNGs go to compare.figures_dir (cached by DVC; the text outputs stay in git):
 - mcnemar.csv: every pairwise test (all seeds); mcnemar_<protocol>_<set>.csv/.png: the matrix of
   Holm-adjusted p-values for the first seed of train.seeds
 - leakage_gap.csv/.png: paper_test vs TEST per model, with the near-duplicate counts
-- report.md: the report, linking the PNGs; summary.json
+- report.md: the report, linking the PNGs, then calibration/review/per-class sections linking
+  each model's reliability diagrams, risk-coverage curves and Grad-CAM galleries; summary.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from wbc_transfer.io import write_csv, write_json, write_text
 from wbc_transfer.metrics import SUMMARY_METRICS
 from wbc_transfer.plots import grouped_bars, leakage_dumbbell, pvalue_heatmap
 from wbc_transfer.report import LABELS, report_markdown, table2_markdown, weights_label
+from wbc_transfer.trust_report import trust_markdown
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def main(params: Params) -> pd.DataFrame:
         figures["leakage_gap"] = figures_dir / "leakage_gap.png"
 
     links = {name: Path(os.path.relpath(path, out)).as_posix() for name, path in figures.items()}
-    write_text(out / "report.md", report_markdown(params, long, pairs, gap, counts, links))
+    write_text(out / "report.md", report_markdown(params, long, pairs, gap, counts, links)
+               + trust_markdown(params, out))
     summary = {
         f"{protocol}/{eval_set}/{arch}": {m: round(float(v), 4)
                                           for m, v in g.groupby("metric")["value"].mean().items()}
