@@ -35,22 +35,23 @@ class Champion:
     config: dict
 
 
-def tiny_weights(file: Path) -> dict:
+def tiny_weights(file: Path, arch: str = "efficientnet_lite0", head_std: float = 0.05) -> dict:
+    """Random-init `arch` at 64 px saved to `file`; returns its pyfunc config."""
     import torch
 
     from wbc_transfer import models
 
     torch.manual_seed(0)
-    built = models.build("efficientnet_lite0", len(CLASSES), "none", 64)
+    built = models.build(arch, len(CLASSES), "none", 64)
     for module in built.model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = 1.0
     built.model.train()
     with torch.no_grad():
         built.model(torch.rand(4, 3, 64, 64) * 2 - 1)
-        torch.nn.init.normal_(built.head.weight, std=0.05)
+        torch.nn.init.normal_(built.head.weight, std=head_std)
     torch.save(built.model.eval().state_dict(), file)
-    return {"architecture": "efficientnet_lite0", "image_size": 64, "mean": list(built.mean),
+    return {"architecture": arch, "image_size": 64, "mean": list(built.mean),
             "std": list(built.std), "classes": CLASSES}
 
 

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from champion_helpers import CLASSES, bad_and_odd_files, real_images
+from champion_helpers import CLASSES, bad_and_odd_files, real_images, tiny_weights
 from mlflow import MlflowClient
+from PIL import Image
 
 from wbc_transfer import calibration, models, serving, tracking
 from wbc_transfer.cli import main
 from wbc_transfer.config import load_params
+from wbc_transfer.data import normalise
+from wbc_transfer.predict import load_model
 from wbc_transfer.stages import evaluate, train
 
 from conftest import prepare_tiny, write_params
@@ -202,20 +206,9 @@ def register(folder: Path, arch: str, temperature: float) -> tuple[str, Path, di
     registered with the real serving code under a fresh SQLite store; returns (store, weights,
     config)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    built = models.build(arch, len(CLASSES), "none", 64)
-    for module in built.model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = 1.0
-    built.model.train()
-    with torch.no_grad():
-        built.model(torch.rand(4, 3, 64, 64) * 2 - 1)
-        torch.nn.init.normal_(built.head.weight, std=0.5)
     weights = folder / "model.pt"
-    torch.save(built.model.eval().state_dict(), weights)
-    run_json = {"architecture": arch, "image_size": 64, "mean": list(built.mean),
-                "std": list(built.std), "classes": CLASSES, "temperature": temperature}
-    config = serving.config_from_run_json(run_json)
+    config = serving.config_from_run_json(
+        {**tiny_weights(weights, arch, head_std=0.5), "temperature": temperature})
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -237,20 +230,16 @@ def calibrated_champion(tmp_path_factory):
 def test_the_temperature_round_trips_through_the_registered_model(calibrated_champion, mirror,
                                                                   tmp_path):
     uri, weights, config = calibrated_champion
-    from wbc_transfer.predict import load_model
-
     model = load_model("models:/wbc-classifier@champion", uri)
     assert float(model.metadata.metadata["temperature"]) == 2.5
     classifier = model.unwrap_python_model().classifier
     assert classifier.temperature == 2.5
     files = real_images(mirror, tmp_path / "cells", per_class=1)
-    out = model.predict(__import__("pandas").DataFrame({"image": [f.read_bytes() for f in files]}))
+    out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
     # the served probabilities are softmax(logits / 2.5) of the very network in model.pt
     net = models.build("efficientnet_lite0", 4, "none", 64).model
     net.load_state_dict(torch.load(weights, weights_only=True))
     images = torch.stack([classifier.preprocess(f.read_bytes())[0] for f in files])
-    from wbc_transfer.data import normalise
-
     with torch.inference_mode():
         logits = net.eval()(normalise(images, config["mean"], config["std"])).numpy()
     expected = calibration.softmax(logits, 2.5)
@@ -314,8 +303,6 @@ def test_explain_writes_one_overlay_per_classified_image(arch, mirror, tmp_path,
             continue
         picture = Path(row["explanation"])
         assert picture in written and picture.stem.endswith(Path(row["path"]).stem)
-        from PIL import Image
-
         with Image.open(picture) as im:
             assert im.size == (64, 64) and im.mode == "RGB"
         assert row["predicted"] == before["predicted"]  # same answers with or without maps

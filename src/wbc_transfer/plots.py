@@ -38,10 +38,11 @@ def training_curves(history: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str, path: Path,
+                     values_format: str = "d") -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ConfusionMatrixDisplay(matrix, display_labels=[c.title() for c in classes]).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format="d"
+        ax=ax, cmap="Blues", colorbar=False, values_format=values_format
     )
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
@@ -132,13 +133,7 @@ def confusion_matrix_normalised(matrix: np.ndarray, classes: Sequence[str], titl
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ConfusionMatrixDisplay(share, display_labels=[c.title() for c in classes]).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format=".2f"
-    )
-    ax.set_title(title)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    return _save(fig, path)
+    return confusion_matrix(share, classes, title, path, values_format=".2f")
 
 
 def reliability_diagram(before: pd.DataFrame, after: pd.DataFrame, title: str,
