@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import brier_score_loss
 from torchmetrics.functional.classification import multiclass_calibration_error
+
+log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # equal-width bins of ECE and the reliability diagram (Guo et al. 2017 use 15)
 LOG_T_BOUNDS = (-3.0, 3.0)  # T searched in [0.05, 20]
@@ -63,6 +66,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError("temperature scaling: the validation logits are not all finite")
     result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))),
                              bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
+    if min(abs(result.x - b) for b in LOG_T_BOUNDS) < 1e-3:
+        log.warning("temperature scaling: T = %.3g is at the edge of the searched range "
+                    "[%.3g, %.3g] (a model near chance wants T -> infinity)",
+                    np.exp(result.x), *np.exp(LOG_T_BOUNDS))
     return float(np.exp(result.x))
 
 
