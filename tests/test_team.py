@@ -35,7 +35,8 @@ ARCH = "efficientnet_lite0"
 TINY = {  # the whole pipeline in about a minute on 2 cores
     "train.architectures": [ARCH], "train.protocols": ["heldout"], "train.epochs": 1,
     "prepare.image_size": 32, "evaluate.max_per_class": 3, "compare.bootstrap": 20,
-    "split.heldout.train_per_class": 8, "promote.protocols": ["heldout"],
+    "split.heldout.train_per_class": 8, "split.paper.per_class": 8,
+    "promote.protocols": ["heldout"],
     "tune.architectures": [ARCH], "tune.protocol": "heldout", "tune.epochs": 2, "tune.trials": 4,
     "tune.heartbeat_s": 2,
     # every trial but the baseline is pruned after its first epoch: pruning, deterministically
@@ -95,11 +96,25 @@ def team(tmp_path_factory: pytest.TempPathFactory, kaggle_copy, server) -> dict[
                TORCH_HOME=str(work / "torch-home"), https_proxy="http://127.0.0.1:9",
                HTTPS_PROXY="http://127.0.0.1:9", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
-    sh("git init -q -b main && dvc import-url -q ../shared/data/blood-cells data/blood-cells "
-       "--file data.dvc && dvc unfreeze data.dvc", repo, env)
+    # data/ is git-ignored, so DVC will not write data/blood-cells.dvc: import beside, then move
+    sh("git init -q -b main && dvc import-url -q ../shared/data/blood-cells imported", repo, env)
+    moved_import(repo / "imported.dvc", repo / "data.dvc")
+    shutil.rmtree(repo / "imported")
+    shutil.copy2(REPO_ROOT / ".gitignore", repo / ".gitignore")  # without DVC's `/imported`
+    sh("dvc unfreeze data.dvc", repo, env)
     sh(["dvc", "repro"], repo, env, timeout=600)
     sh("git add -A && git commit -qm tiny", repo, env)
     return {"work": work, "repo": repo, "env": env, "server": server}
+
+
+def moved_import(generated: Path, target: Path) -> None:
+    """Move an import's .dvc file up to the repo root (paths rewritten), as data.dvc is."""
+    spec = yaml.safe_load(generated.read_text())
+    spec.pop("md5", None)  # the stage checksum of the old paths; DVC writes the new one
+    spec["deps"][0]["path"] = "../shared/data/blood-cells"
+    spec["outs"][0]["path"] = "data/blood-cells"
+    target.write_text(yaml.safe_dump(spec, sort_keys=False))
+    generated.unlink()
 
 
 def client_of(team: dict) -> MlflowClient:
