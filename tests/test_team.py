@@ -224,7 +224,7 @@ def published(team) -> dict[str, object]:
        f" && git commit -qam 'DVC remote' && git remote add origin {work / 'origin.git'} && "
        "git push -q origin main && dvc push -q", repo, env)
     clone = work / "clone"
-    sh(f"git clone -q {work / 'origin.git'} {clone}", work, env)
+    sh(f"git clone -q -b main {work / 'origin.git'} {clone}", work, env)
     sh("dvc pull -q", clone, env)
     return {**team, "clone": clone}
 

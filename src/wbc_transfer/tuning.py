@@ -97,8 +97,8 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
     anything else is an RDB URL (SQLite, PostgreSQL: `postgresql://user@host:port/db`, driver
     psycopg2), opened with heartbeats every `heartbeat_s` seconds: the trial of a worker silent
     for 4x that long (killed, machine lost) is failed by the next worker that starts a trial
-    and enqueued again with the same params (Optuna's RetryFailedTrialCallback, at most
-    twice), so it is redone, not lost."""
+    and enqueued again with the same params (Optuna's RetryHeartbeatStaleTrialCallback, at
+    most twice), so it is redone, not lost."""
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -116,7 +116,8 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
             grace_period=4 * heartbeat_s,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=2))
 
 
 def public_url(url: str) -> str:
