@@ -47,3 +47,19 @@ ui:  ## browse runs, curves, confusion matrices and the registry
 	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
 	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# Team setup (README "Team setup"): one MLflow tracking server for the group, PostgreSQL store,
+# artifacts proxied by the server. Set MLFLOW_BACKEND to the group's database URL.
+MLFLOW_BACKEND ?= postgresql://mlflow@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+
+.PHONY: server queue
+server:  ## the group's MLflow tracking server (bound to 127.0.0.1 unless MLFLOW_HOST says otherwise)
+	mlflow server --backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts \
+		--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+JOBS ?= 2
+queue:  ## run the queued experiments (`dvc exp run --queue --allow-missing ...`), JOBS at a time
+	WBC_PROCESSES=$(JOBS) dvc queue start -j $(JOBS)

@@ -192,6 +192,7 @@ class TuneParams:
     seed: int = 42
     timeout: float | None = None
     storage: str | None = None
+    heartbeat_s: int = 30  # RDB storages: a worker silent for 4x this has its trial failed and retried
     out_dir: str = "results/tune"
     space: TuneSpaceParams = field(default_factory=TuneSpaceParams)
     pruner: TunePrunerParams = field(default_factory=TunePrunerParams)
@@ -459,8 +460,9 @@ def check_tune(tune: TuneParams) -> list[str]:
     problems: list[str] = []
     space, pruner = tune.space, tune.pruner
     # types are already checked and converted by the loader (`_coerce`)
-    numbers = {"tune.trials": tune.trials, "tune.epochs": tune.epochs}
-    for name in ("tune.trials", "tune.epochs"):
+    numbers = {"tune.trials": tune.trials, "tune.epochs": tune.epochs,
+               "tune.heartbeat_s": tune.heartbeat_s}
+    for name in numbers:
         if numbers[name] < 1 or numbers[name] != int(numbers[name]):
             problems.append(f"{name} must be a whole number >= 1, got {numbers[name]}")
     if tune.timeout is not None and tune.timeout <= 0:

@@ -54,7 +54,11 @@ def grouped_bars(table: pd.DataFrame, title: str, path: Path, ylabel: str = "sco
     """Bars of table (rows: groups on the x axis, columns: series).
 
     errors: symmetric (a frame shaped like table) or asymmetric (array of shape
-    (series, 2, groups): distances below and above each bar)."""
+    (series, 2, groups): distances below and above each bar). A point estimate outside its
+    percentile-bootstrap interval (possible with few cells or resamples) gets no bar on that
+    side; matplotlib refuses negative lengths."""
+    if errors is not None:
+        errors = errors.clip(lower=0) if isinstance(errors, pd.DataFrame) else np.clip(errors, 0, None)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.2))
     table.plot.bar(ax=ax, rot=0, yerr=errors, capsize=3)
     ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
@@ -104,7 +108,7 @@ def leakage_dumbbell(gap: pd.DataFrame, metrics: dict[str, str], title: str, pat
             low, high = f"{name}_ci_low", f"{name}_ci_high"
             err = None
             if low in rows and high in rows and rows[[low, high]].notna().all().all():
-                err = np.vstack([rows[name] - rows[low], rows[high] - rows[name]])
+                err = np.clip(np.vstack([rows[name] - rows[low], rows[high] - rows[name]]), 0, None)
             ax.errorbar(rows[name], y + (k - 0.5) * 0.12, xerr=err, fmt="o", color=colour,
                         capsize=3, label=f"{name} (leak-free)" if name == "TEST" else
                         f"{name} (near-duplicates of training images)")

@@ -59,7 +59,18 @@ DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing",
                     "test_simple": "testing"}
 
 
-def artifact_location(params: Params) -> str:
+def is_server(uri: str) -> bool:
+    """Whether `uri` is an MLflow tracking server (http/https), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(params: Params, uri: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlruns/` at the repo root for a local
+    store; None for a tracking server, which then gives its own default (with
+    `--serve-artifacts`, a proxied `mlflow-artifacts:/<id>` location, so clients need no access
+    to the server's folder)."""
+    if is_server(uri or tracking_uri(params)):
+        return None
     return (home_root(params.root) / "mlruns").as_uri()
 
 
@@ -90,7 +101,7 @@ def setup(params: Params) -> str:
         if experiment is None:
             try:
                 experiment_id = mlflow.create_experiment(
-                    name, artifact_location=artifact_location(params),
+                    name, artifact_location=artifact_location(params, uri),
                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:
                 experiment = mlflow.get_experiment_by_name(name)

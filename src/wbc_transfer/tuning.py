@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from wbc_transfer import models, recipe, tracking
+from wbc_transfer import models, recipe, threads, tracking
 from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch
 from wbc_transfer.engine import (
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 #: stop at exactly `tune.trials`); failed trials do not count and are redone
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 PARENT_ATTR = "mlflow_parent_run_id"
-HEARTBEAT_S = 30  # RDB storages: a trial without heartbeat for 4x this is failed (killed worker)
+HEARTBEAT_S = 30  # default tune.heartbeat_s
 OBJECTIVE = "val_f1_macro"
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
@@ -92,9 +92,13 @@ def storage_url(params: Params) -> str:
     return url
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.BaseStorage:
     """`journal:<file>` -> JournalStorage on a file (safe for many processes, also over NFS);
-    anything else is an RDB URL, opened with heartbeats so a killed worker's trial fails."""
+    anything else is an RDB URL (SQLite, PostgreSQL: `postgresql://user@host:port/db`, driver
+    psycopg2), opened with heartbeats every `heartbeat_s` seconds: the trial of a worker silent
+    for 4x that long (killed, machine lost) is failed by the next worker that starts a trial
+    and enqueued again with the same params (Optuna's RetryHeartbeatStaleTrialCallback, at
+    most twice), so it is redone, not lost."""
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -109,9 +113,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers share one file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                          heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=4 * HEARTBEAT_S)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+            grace_period=4 * heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=2))
 
 
 def public_url(url: str) -> str:
@@ -217,7 +223,9 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
     augment = recipe.make_augment(t, train_set.size)
     loss_fn = recipe.make_loss(t)
     history: list[dict[str, float]] = []
+    policy = threads.policy_for(t.num_threads)
     for epoch in range(1, t.epochs + 1):
+        policy.rebalance()  # other workers may have started or ended
         torch.manual_seed(seed * 1000 + epoch)
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         stats = train_one_epoch(model, train_set, optimizer, augment, built.mean, built.std,
@@ -276,6 +284,7 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
             "trial_number": trial.number, "baseline": baseline, "epochs": ctx.params.tune.epochs,
             "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
             "last_batch": last_batch(len(ctx.fit_set), ctx.params.train.batch_size),
+            **threads.policy_for(ctx.params.train.num_threads).describe(),
         }))
 
         def on_epoch(row: dict[str, float]) -> None:
@@ -360,7 +369,7 @@ def open_study(ctx: Context, worker: bool = False, wait_s: float = 60.0) -> Sess
     it: only the creator enqueues the baseline and creates the parent run; others wait for it)."""
     params = ctx.params
     url = storage_url(params)
-    storage = open_storage(url)
+    storage = open_storage(url, params.tune.heartbeat_s)
     sampler, pruner = make_sampler(params, worker), make_pruner(params)
     try:
         study = optuna.create_study(storage=storage, study_name=ctx.study_name,

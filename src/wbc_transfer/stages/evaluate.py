@@ -39,6 +39,7 @@ from wbc_transfer.plots import (
 )
 from wbc_transfer.stages.train import model_name
 from wbc_transfer.stats import bootstrap_settings, cell_outcomes, intervals, per_class_intervals
+from wbc_transfer.threads import policy_for as thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     name = model_name(arch, protocol, seed)
     out = params.resolve(params.evaluate.out_dir) / name
     configure_torch(params.train.num_threads)
+    thread_policy(params.train.num_threads)  # shares the cores with other training processes
     device = pick_device(params.train.device)
     model, info = load_trained(params, name)
     model = place_model(model, device, params.evaluate.channels_last)

@@ -28,6 +28,7 @@ from wbc_transfer.engine import (
 from wbc_transfer.io import write_csv, write_json, write_torch
 from wbc_transfer.plots import training_curves
 from wbc_transfer.serving import pip_requirements
+from wbc_transfer.threads import policy_for as thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                          "check split.val_fraction / split.val_per_class")
 
     threads = configure_torch(t.num_threads)
+    policy = thread_policy(t.num_threads)  # shares the cores with other training processes
+    threads.update(policy.describe())
     device = pick_device(t.device)
     amp = amp_dtype(device, t.amp)
     seed_everything(seed)
@@ -129,6 +132,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             torch.manual_seed(seed * 1000 + epoch)
             generator = torch.Generator().manual_seed(seed * 1000 + epoch)
             progress.set_description(f"{name} epoch {epoch + 1}/{t.epochs}")
+            mlflow.log_metric("torch_threads", policy.rebalance(), step=epoch + 1)
             stats = train_one_epoch(
                 model, train_set, optimizer, augment, built.mean, built.std, device,
                 t.batch_size, generator, progress, every=t.validate_every,

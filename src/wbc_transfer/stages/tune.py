@@ -16,6 +16,7 @@ from wbc_transfer import tuning
 from wbc_transfer.config import ConfigError, Params
 from wbc_transfer.engine import configure_torch
 from wbc_transfer.stages.evaluate import evaluation_sets
+from wbc_transfer.threads import policy_for as thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def main(params: Params, arch: str | None = None, worker: bool = False,
     if not arch:
         raise ConfigError("tune: --arch is required (one of tune.architectures)")
     configure_torch(params.train.num_threads)
+    thread_policy(params.train.num_threads)  # shares the cores with the other workers
     ctx = tuning.load_context(params, arch)
     session = tuning.search(ctx, worker=worker)
     if worker:
