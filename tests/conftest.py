@@ -120,7 +120,7 @@ def mini_dataset(tmp_path_factory: pytest.TempPathFactory, kaggle_copy) -> Path:
 
 def terminate_when(proc: subprocess.Popen, found: Callable[[], Any], what: str,
                    signum: int = signal.SIGTERM, timeout_s: float = 240) -> tuple[Any, str]:
-    """Poll `found()` every 0.1 s while `proc` runs; once it returns something truthy, send
+    """Poll `found()` every 0.5 s while `proc` runs; once it returns something truthy, send
     `signum` to `proc` and wait for it. Returns (what found() returned, proc's output). Fails
     the test, with the output, if `proc` ends first or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
@@ -128,7 +128,9 @@ def terminate_when(proc: subprocess.Popen, found: Callable[[], Any], what: str,
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"{what} never seen; output:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.1)
+        # not faster: each poll reads the SQLite store, and on a loaded machine back-to-back reads
+        # kept the training process's writes waiting past SQLite's 5 s ("database is locked")
+        time.sleep(0.5)
     proc.send_signal(signum)
     return result, proc.communicate(timeout=120)[0]
 
