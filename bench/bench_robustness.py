@@ -106,7 +106,9 @@ def evaluate(base: Params, out: Path, rows: list[str], size: int, epochs: int) -
         params = row_params(base, out, row, size, epochs)
         if not (params.resolve(params.train.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}").is_dir():
             continue
-        summary = evaluate_stage.main(params, ARCH, PROTOCOL, SEED)
+        done = params.resolve(params.evaluate.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "metrics.json"
+        summary = json.loads(done.read_text()) if done.is_file() else \
+            evaluate_stage.main(params, ARCH, PROTOCOL, SEED)
         record: dict[str, Any] = {"row": row, "options": json.dumps(ROWS[row])}
         for set_name, scores in summary["sets"].items():
             low, high = scores["ci"]["f1_macro"]
