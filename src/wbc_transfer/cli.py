@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 from wbc_transfer.config import ConfigError, load_params
 
-STAGES = ("validate", "groups", "split", "prepare", "weights", "train", "evaluate", "compare",
-          "promote", "tune")
+STAGES = ("validate", "groups", "split", "prepare", "external", "weights", "train", "evaluate",
+          "compare", "promote", "tune")
 COMMAND_MODULES = {"check-weights": "weights"}  # sub-command -> stages/<module>.py when they differ
 
 
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in ("validate", "groups", "split", "prepare", "compare", "promote"):
         sub.add_parser(stage, help=f"run the DVC stage `{stage}`")
+    external = sub.add_parser("external", help="run the DVC stage `external@<name>`: validate "
+                              "and prepare one external test set (params `external`)")
+    external.add_argument("--name", required=True, help="the set's name in params.yaml `external`")
     for stage in ("train", "evaluate"):
         p = sub.add_parser(stage, help=f"run the DVC stage `{stage}` for one model")
         p.add_argument("--arch", required=True)
@@ -126,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(f"wbc_transfer.stages.{stage}")
         if args.command in {"train", "evaluate"}:
             module.main(params, arch=args.arch, protocol=args.protocol, seed=args.seed)
+        elif args.command == "external":
+            module.main(params, name=args.name)
         elif args.command == "tune":
             module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply)
         else:

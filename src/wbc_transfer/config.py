@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
@@ -86,6 +87,17 @@ class SplitParams:
 class PrepareParams:
     image_size: int = 224
     out_dir: str = "data/prepared"
+    external_dir: str = "data/prepared_external"  # stage `external@<name>`: <name>.csv index, <name>.pt
+
+
+@dataclass(frozen=True)
+class ExternalSetParams:
+    """One external labelled test set (another lab): a folder root/<CLASS>/, or root plus a
+    manifest CSV (path,label[,group], paths relative to root; the file in root, so that DVC
+    tracks it). Scored by evaluate, never chosen by."""
+
+    root: str = ""
+    manifest: str | None = None  # relative to root
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,13 @@ class TrainParams:
     label_smoothing: float = 0.1  # modern
     rotation_deg: float = 20.0  # modern augmentation: random rotation in [-x, x] degrees
     colour_jitter: float = 0.1  # modern augmentation: brightness/contrast/saturation +- x
+    # robustness to another lab (wbc_transfer.robustness; modern recipe's augmentation)
+    hue_jitter: float = 0.0  # kornia ColorJitter hue +- x (fraction of the hue circle, <= 0.5)
+    grayscale_p: float = 0.0  # kornia RandomGrayscale probability
+    hed_jitter: float = 0.0  # HED-space stain jitter sigma (Tellez et al. 2018); 0: off
+    scale: tuple[float, ...] = (1.0, 1.0)  # kornia RandomAffine zoom range (>1: zoom in)
+    stain_norm: str = "none"  # none | lab: Reinhard LAB standardisation layer at the input
+    norm_layer: str = "batchnorm"  # batchnorm | frozen (torchvision FrozenBatchNorm2d, ImageNet stats)
     patience: int = 0  # early stopping: epochs without a better validation macro-F1 (0: off)
     keep: str = "best"  # best: the weights of the best validation epoch; last: the last epoch
     translate_px: int = 30
@@ -213,6 +232,8 @@ class Params:
     compare: CompareParams = field(default_factory=CompareParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     tune: TuneParams = field(default_factory=TuneParams)
+    # name -> external test set (wbc_transfer.external); evaluate scores every model on each
+    external: dict[str, ExternalSetParams] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
@@ -342,7 +363,10 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
     kwargs: dict[str, Any] = {}
     try:
         for name in sections:
-            kwargs[name] = _build(hints[name], raw.get(name), name)
+            if is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], raw.get(name), name)
+            else:  # external: name -> entry; null/absent: none
+                kwargs[name] = _coerce(raw.get(name) or {}, hints[name], name)
     except ConfigError as exc:
         raise ConfigError(f"{file.name}: {exc}") from None
     params = Params(root=file.resolve().parent, raw=raw, **kwargs)
@@ -429,6 +453,7 @@ def check(params: Params) -> None:
             problems.append(f"train.overrides.{arch}.input_size must be >= 32 px, got {sized}")
     if t.input_size is not None and t.input_size < 32:
         problems.append(f"train.input_size must be >= 32 px or null, got {t.input_size}")
+    problems.extend(check_robustness(t))
     if t.keep not in {"best", "last"}:
         problems.append(f"train.keep must be best or last, got {t.keep!r}")
     if t.patience < 0:
@@ -451,8 +476,47 @@ def check(params: Params) -> None:
     if not 0 < params.compare.confidence < 1:
         problems.append(f"compare.confidence must be in (0, 1), got {params.compare.confidence}")
     problems.extend(check_tune(params.tune))
+    problems.extend(check_external(params.external))
     if problems:
         raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
+
+
+def check_external(external: dict[str, ExternalSetParams]) -> list[str]:
+    """Problems of the `external` section, each naming its parameter (empty: fine)."""
+    from wbc_transfer.external import RESERVED
+
+    problems: list[str] = []
+    for name, entry in external.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)) or name in RESERVED:
+            problems.append(f"external.{name}: a set name must be letters, digits, _ or - and not "
+                            f"one of evaluate's own sets {list(RESERVED)}")
+        if not entry.root:
+            problems.append(f"external.{name}.root must name the set's folder (with class "
+                            f"sub-folders, or with the files of its manifest)")
+    return problems
+
+
+def check_robustness(t: TrainParams) -> list[str]:
+    """Problems of the robustness options of `train` (wbc_transfer.robustness), each naming its
+    parameter (empty: fine)."""
+    problems: list[str] = []
+    if not 0 <= t.hue_jitter <= 0.5:
+        problems.append(f"train.hue_jitter must be in [0, 0.5], got {t.hue_jitter}")
+    if not 0 <= t.grayscale_p <= 1:
+        problems.append(f"train.grayscale_p must be in [0, 1], got {t.grayscale_p}")
+    if not 0 <= t.hed_jitter < 1:
+        problems.append(f"train.hed_jitter must be in [0, 1), got {t.hed_jitter}")
+    if len(t.scale) != 2 or not 0 < t.scale[0] <= t.scale[1]:
+        problems.append(f"train.scale must be [low, high] with 0 < low <= high, got {list(t.scale)}")
+    if t.stain_norm not in {"none", "lab"}:
+        problems.append(f"train.stain_norm must be none or lab, got {t.stain_norm!r}")
+    if t.norm_layer not in {"batchnorm", "frozen"}:
+        problems.append(f"train.norm_layer must be batchnorm or frozen, got {t.norm_layer!r}")
+    augmenting = t.hue_jitter or t.grayscale_p or t.hed_jitter or tuple(t.scale) != (1.0, 1.0)
+    if augmenting and t.recipe != "modern":
+        problems.append("train.hue_jitter / grayscale_p / hed_jitter / scale are part of the modern "
+                        f"recipe's augmentation; train.recipe is {t.recipe!r}")
+    return problems
 
 
 def check_tune(tune: TuneParams) -> list[str]:

@@ -323,6 +323,20 @@ def cam_layer(name: str, model: nn.Module) -> nn.Module:
     return _get(model, REGISTRY[name].cam_layer)
 
 
+def rebuild(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A trained network in eval mode from its config (a training run.json or the pyfunc
+    config: architecture, classes, image_size, mean, std, and the robustness options
+    stain_norm / norm_layer) and its state dict: the one loader of evaluate, predict and the
+    served pyfunc, so each applies the same input layer (wbc_transfer.robustness)."""
+    from wbc_transfer import robustness
+
+    built = build(config["architecture"], len(config["classes"]), "none", int(config["image_size"]))
+    model = robustness.adapt(built.model, config["mean"], config["std"],
+                             **robustness.options_of(config))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def is_pretrained(weights_source: str) -> bool:
     return weights_source.startswith(("imagenet:", "file:"))
 

@@ -26,6 +26,7 @@ from wbc_transfer.config import TrainParams
 from wbc_transfer.data import TrainAugment
 from wbc_transfer.engine import make_optimizer as engine_make_optimizer
 from wbc_transfer.engine import parameter_groups
+from wbc_transfer.robustness import HEDJitter
 
 RECIPES = ("paper", "modern")
 
@@ -66,7 +67,7 @@ def make_loss(t: TrainParams) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 class ModernAugment:
     """Per-image random flips (h and v), rotation in [-rotation_deg, rotation_deg], translation
     (train.translate_px at reference_size, reflection padding), and brightness/contrast/
-    saturation jitter, on a batch with kornia.
+    saturation jitter (+ hue, random grayscale, zoom, HED jitter when set), on a batch with kornia.
 
     uint8 or float N x 3 x H x W in [0, 255] -> float32 in [0, 255] (what `normalise` expects).
     Random parameters come from torch's global RNG (seeded per epoch by the train stage)."""
@@ -77,16 +78,19 @@ class ModernAugment:
         self.pipeline = K.AugmentationSequential(
             K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
             K.RandomAffine(degrees=t.rotation_deg, translate=(shift, shift), p=1.0,
+                           scale=tuple(t.scale) if tuple(t.scale) != (1.0, 1.0) else None,
                            padding_mode="reflection"),
-            # no hue jitter: kornia's RGB<->HSV round trip cost 4x the rest of the augmentation
-            # (0.27 s vs 0.065 s per 32 images at 128 px on one core)
+            # hue off by default: kornia's RGB<->HSV round trip cost 4x the rest of the
+            # augmentation (0.27 s vs 0.065 s per 32 images at 128 px on one core)
             K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter,
-                          p=1.0 if jitter > 0 else 0.0),
+                          hue=t.hue_jitter, p=1.0 if jitter > 0 or t.hue_jitter > 0 else 0.0),
+            K.RandomGrayscale(p=t.grayscale_p),
         )
+        self.hed = HEDJitter(t.hed_jitter)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = self.pipeline(batch.float().div(255.0))
+            x = self.hed(self.pipeline(batch.float().div(255.0)).clamp_(0, 1))
         return x.clamp_(0, 1).mul_(255.0)
 
 

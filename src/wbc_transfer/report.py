@@ -176,7 +176,10 @@ def report_markdown(params: Params, long: pd.DataFrame, pairs: pd.DataFrame,
         "- Which set chose what: per-epoch validation, checkpoint choice, early stopping, the "
         "Optuna objective and the champion (`promote`) use only the `validation` cells (TRAIN "
         "cells in no training split). `paper_test`, `TEST` and `TEST_SIMPLE` are test sets: "
-        "reported, never used to choose.",
+        "reported, never used to choose." + (
+            f" The external sets ({', '.join(f'`{n}`' for n in params.external)}, other labs) are "
+            "test sets too: scored for every model, they chose nothing (no epoch, "
+            "hyper-parameter, option, threshold or champion)." if params.external else ""),
         f"- Significance: pairwise McNemar tests on the same cells (per-cell outcomes), "
         f"Holm-corrected over the "
         f"pairs of each evaluation set{' and seed' if several else ''}, at "
@@ -234,11 +237,45 @@ def report_markdown(params: Params, long: pd.DataFrame, pairs: pd.DataFrame,
             sections += [f"![Scores, {protocol} on {eval_set}]({figures[key]})", ""]
 
     lines += _leakage_summary(gap, counts)
+    lines += external_section(long, list(params.external), params.compare.confidence)
     lines += ["", "## Ranking and significance per evaluation set", "", *sections]
     lines += _leakage_section(gap, counts, figures)
     lines += ["", table2_markdown(long, params, heading="##"), ""]
     lines += _method(params, several)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def external_section(long: pd.DataFrame, external: list[str], confidence: float,
+                     metric: str = "f1_macro") -> list[str]:
+    """Markdown lines: per model, `metric` on TEST and on each external set (one column each,
+    cluster-bootstrap intervals) and the drop TEST -> external set; [] without external sets."""
+    present = [n for n in external if n in set(long["eval_set"])]
+    if not present or "TEST" not in set(long["eval_set"]):
+        return []
+    rows = long[long["metric"] == metric]
+    header = ["Protocol", "Architecture", "Seed", "`TEST`",
+              *(c for n in present for c in (f"`{n}`", f"Drop `TEST` → `{n}`"))]
+    lines = ["", "## Another lab's cells: external test sets", "",
+             f"{PROSE[metric].capitalize()} with {confidence:.0%} cluster-bootstrap intervals "
+             "(external sets: each image its own cell unless a manifest gave groups). The "
+             "external sets are test sets: no stage chose anything by them.", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (protocol, arch, seed), block in rows.groupby(["protocol", "architecture", "seed"],
+                                                      sort=False):
+        by_set = block.set_index("eval_set")
+        if "TEST" not in by_set.index:
+            continue
+        test = by_set.loc["TEST"]
+        cells = [protocol, arch, str(seed), fmt_ci(test["value"], test["ci_low"], test["ci_high"])]
+        for name in present:
+            if name not in by_set.index:
+                cells += ["—", "—"]
+                continue
+            ext = by_set.loc[name]
+            cells += [fmt_ci(ext["value"], ext["ci_low"], ext["ci_high"]),
+                      fmt_signed(ext["value"] - test["value"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 REFERENCE_SETS = {"paper_train": "the paper training split",

@@ -7,9 +7,10 @@ and two artifacts travel with it:
 - ``weights.pt``: the network's ``state_dict``, loaded with ``torch.load(weights_only=True)``
   (tensors only; no pickled classes are ever rebuilt);
 - ``config.json``: architecture, image_size, mean, std, classes, temperature (the scalar fitted
-  on the validation cells at training time; probabilities are softmax(logits / temperature)).
+  on the validation cells at training time; probabilities are softmax(logits / temperature)), and
+  the robustness options stain_norm, norm_layer (their statistics are buffers in the weights).
 
-The network is rebuilt from code with ``wbc_transfer.models.build(arch, n, "none", size)``, so
+The network is rebuilt from code with ``wbc_transfer.models.rebuild(config, state)``, so
 the serving environment needs this package installed (``--env-manager local``).
 
 Input: a DataFrame with one column ``image`` of raw image bytes or base64 text (over HTTP: the
@@ -66,6 +67,8 @@ INPUT_COLUMN = "image"
 
 CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 OPTIONAL_CONFIG = {"temperature": 1.0}  # older models: uncalibrated
+# robustness options (wbc_transfer.robustness): kept when present; absent = none / batchnorm
+OPTIONAL_CONFIG_KEYS = ("stain_norm", "norm_layer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,13 +121,11 @@ class Classifier:
         from wbc_transfer import models
 
         cfg = read_config(config)
-        built = models.build(cfg["architecture"], len(cfg["classes"]), "none",
-                             int(cfg["image_size"]))
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        built.model.load_state_dict(state)
+        model = models.rebuild(cfg, state)  # with its stain-normalisation layer, if trained so
         torch.set_flush_denormal(True)  # as in training; denormals slow CPU inference a lot
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model=built.model.to(dev).eval(), config=cfg, device=dev)
+        return cls(model=model.to(dev).eval(), config=cfg, device=dev)
 
     @property
     def classes(self) -> list[str]:
@@ -280,7 +281,7 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas",
+    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "kornia",
                     "efficientnet-lite-pytorch", "wbc-transfer"):
         try:
             out.append(f"{package}=={version(package)}")
@@ -298,11 +299,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def config_from_run_json(info: dict[str, Any]) -> dict[str, Any]:
-    """The pyfunc config from a training `run.json` (results/train/<name>/run.json)."""
+    """The pyfunc config from a training `run.json` (results/train/<name>/run.json), with its
+    robustness options (stain_norm, norm_layer) so the served network gets the same layers."""
+    from wbc_transfer import robustness
+
     return {"architecture": info["architecture"], "image_size": int(info["image_size"]),
             "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
             "classes": list(info["classes"]),
-            "temperature": float(info.get("temperature", 1.0))}
+            "temperature": float(info.get("temperature", 1.0)), **robustness.options_of(info)}
 
 
 def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTIFACT_NAME,
@@ -311,7 +315,8 @@ def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTI
     import mlflow
 
     config = {**{k: config[k] for k in CONFIG_KEYS},
-              **{k: config.get(k, v) for k, v in OPTIONAL_CONFIG.items()}}
+              **{k: config.get(k, v) for k, v in OPTIONAL_CONFIG.items()},
+              **{k: config[k] for k in OPTIONAL_CONFIG_KEYS if k in config}}
     digest = file_sha256(weights)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet stage logs
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

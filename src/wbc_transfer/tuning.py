@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from wbc_transfer import models, recipe, threads, tracking
+from wbc_transfer import models, recipe, robustness, threads, tracking
 from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch
 from wbc_transfer.engine import (
@@ -215,7 +215,9 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
     seed = ctx.params.tune.seed
     seed_everything(seed)
     built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
-    model = place_model(built.model, ctx.device, t.channels_last)
+    adapted = robustness.adapt(built.model, built.mean, built.std, t.stain_norm, t.norm_layer,
+                               train_set.images)  # as the train stage does
+    model = place_model(adapted, ctx.device, t.channels_last)
     amp = amp_dtype(ctx.device, t.amp)
     optimizer = recipe.make_optimizer(t, model, built.head, lr, head_lr_factor)
     steps = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)

@@ -2,7 +2,8 @@
 
 Sets: `validation` (the leak-free validation cells every protocol shares: what promotion
 chooses by), the protocol's own test split (`paper_test` for the paper protocols), the
-leak-free TEST folder, and TEST_SIMPLE when the dataset has it. Each set is scored per image
+leak-free TEST folder, TEST_SIMPLE when the dataset has it, and every external set of params
+`external` (other labs; test sets: reported, never chosen by). Each set is scored per image
 and per cell (a cell is right when more than half of its images are), with cluster-bootstrap
 intervals over cells and the effective n (cells) beside n (images).
 
@@ -57,16 +58,22 @@ def evaluation_sets(params: Params, protocol: str) -> dict[str, ImageSet]:
     simple = heldout.subset("test_simple", cap, seed)
     if len(simple):
         sets["TEST_SIMPLE"] = simple
+    # other labs' sets (stage external@<name>): scored whole, each image its own cell unless a
+    # manifest gave groups; reported only, never chosen by
+    external = params.resolve(params.prepare.external_dir)
+    for name in params.external:
+        if not (external / f"{name}.pt").is_file():
+            raise FileNotFoundError(f"{external / name}.pt not found: run `dvc repro "
+                                    f"external@{name}` (params `external.{name}`)")
+        sets[name] = ImageSet.load(external / f"{name}.pt")
     return sets
 
 
 def load_trained(params: Params, name: str) -> tuple[torch.nn.Module, dict]:
     folder = params.resolve(params.train.out_dir) / name
     info = read_json(folder / "run.json")
-    built = models.build(info["architecture"], len(info["classes"]), "none", info["image_size"])
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    built.model.load_state_dict(state)
-    return built.model.eval(), info
+    return models.rebuild(info, state), info
 
 
 def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:

@@ -12,7 +12,7 @@ import torch
 from mlflow.models import infer_signature
 from tqdm import tqdm
 
-from wbc_transfer import calibration, models, recipe, tracking
+from wbc_transfer import calibration, models, recipe, robustness, tracking
 from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
@@ -56,7 +56,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     amp = amp_dtype(device, t.amp)
     seed_everything(seed)
     built = models.build(arch, len(data.classes), t.weights, data.size)
-    model = place_model(built.model, device, t.channels_last)
+    # frozen BatchNorm / the stain-normalisation input layer (target fitted on training images)
+    adapted = robustness.adapt(built.model, built.mean, built.std, t.stain_norm, t.norm_layer,
+                               train_set.images)
+    model = place_model(adapted, device, t.channels_last)
     iterations_per_epoch = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
     optimizer = recipe.make_optimizer(t, model, built.head)
     scheduler = recipe.make_scheduler(t, optimizer, iterations_per_epoch)
@@ -177,6 +180,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 "weights_source": built.weights_source, "image_size": data.size,
                 "mean": list(built.mean), "std": list(built.std), "classes": data.classes,
                 "validation_split": "val", "recipe": t.recipe, "tta": tta,
+                "stain_norm": t.stain_norm, "norm_layer": t.norm_layer,
                 "selected_epoch": kept_epoch, "temperature": calibrated["temperature"],
                 "temperature_fitted_on": f"validation cells ({len(val_set)} images, "
                                          f"{len(set(val_set.groups or val_set.paths))} cells)"}

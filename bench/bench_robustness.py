@@ -1,0 +1,189 @@
+"""The robustness ablation of bench/ROBUSTNESS.md: EfficientNet-Lite0, heldout protocol, one row
+per robustness option (params `train.*`, wbc_transfer.robustness), same seed, same data.
+
+Each row calls the pipeline's own stage functions (train, evaluate) with overridden Params into
+its own folder under --out and the MLflow experiment `wbc-robustness-ablation`; nothing in the
+workspace's results/ or data/prepared/ is touched. Data: the workspace's prepared heldout set
+(`dvc checkout`), resized to --size, --per-class training images per class (a seeded sample of
+the heldout training images, which are already spread over the training cells); validation
+cells and TEST as in the pipeline; the external sets of params.yaml `external` prepared like
+the `prepare` stage does. Nothing chooses by a test set here: the kept epoch is chosen by
+validation, and this script only reports.
+
+  python bench/bench_robustness.py train [--rows baseline,colour,...]   # one after another
+  python bench/bench_robustness.py evaluate                             # scores + table
+  python bench/bench_robustness.py speed                                # predict images/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from wbc_transfer.config import Params, load_params
+from wbc_transfer.data import ImageSet
+
+ARCH, PROTOCOL, SEED = "efficientnet_lite0", "heldout", 42
+ROWS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "colour": {"hue_jitter": 0.1, "grayscale_p": 0.2},
+    "hed": {"hed_jitter": 0.1},
+    "scale": {"scale": (1.0, 2.0)},
+    "lab": {"stain_norm": "lab"},
+    "frozen_bn": {"norm_layer": "frozen"},
+}
+# the combination recommended in bench/ROBUSTNESS.md (set after the single-option rows)
+ROWS["combined"] = {**ROWS["colour"], **ROWS["scale"], **ROWS["lab"]}
+
+
+def row_params(base: Params, out: Path, row: str, size: int, epochs: int) -> Params:
+    """`base` with the row's train options and every output under out/<row>."""
+    train = replace(base.train, architectures=(ARCH,), protocols=(PROTOCOL,), seeds=(SEED,),
+                    epochs=epochs, input_size=None, overrides={}, num_threads=2,
+                    out_dir=str(out / row / "train"), checkpoint_dir=str(out / row / "ckpt"),
+                    **ROWS[row])
+    return replace(base, train=train,
+                   base=replace(base.base, experiment="wbc-robustness-ablation"),
+                   prepare=replace(base.prepare, image_size=size, out_dir=str(out / "prepared"),
+                                   external_dir=str(out / "prepared_external")),
+                   evaluate=replace(base.evaluate, out_dir=str(out / row / "eval")))
+
+
+def prepare_data(base: Params, out: Path, size: int, per_class: int, external: bool) -> None:
+    """out/prepared/heldout.pt (resized, training images capped per class) and the external
+    sets, once."""
+    from wbc_transfer.stages import external as external_stage
+
+    target = out / "prepared" / "heldout.pt"
+    if not target.is_file():
+        full = ImageSet.load(base.resolve(base.prepare.out_dir) / "heldout.pt").resized(size)
+        parts = [full.subset("train", per_class, base.split.seed)]
+        parts += [full.subset(s) for s in ("val", "test", "test_simple")]
+        images = ImageSet(images=torch.cat([p.images for p in parts]),
+                          labels=torch.cat([p.labels for p in parts]),
+                          paths=sum((p.paths for p in parts), []),
+                          splits=sum((p.splits for p in parts), []), classes=full.classes,
+                          groups=sum((p.groups for p in parts), []))
+        images.save(target)
+    if external:
+        params = replace(base, prepare=replace(base.prepare, image_size=size,
+                                               external_dir=str(out / "prepared_external")),
+                         validate=replace(base.validate, report_dir=str(out / "data")))
+        for name in base.external:
+            if not (out / "prepared_external" / f"{name}.pt").is_file():
+                external_stage.main(params, name)
+
+
+def train(base: Params, out: Path, rows: list[str], size: int, epochs: int) -> None:
+    from wbc_transfer.stages import train as train_stage
+
+    timings = out / "timings.json"
+    done = json.loads(timings.read_text()) if timings.is_file() else {}
+    for row in rows:
+        params = row_params(base, out, row, size, epochs)
+        if (params.resolve(params.train.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "model.pt").is_file():
+            print(f"{row}: trained already")
+            continue
+        started = time.perf_counter()
+        train_stage.main(params, ARCH, PROTOCOL, SEED)
+        done[row] = round(time.perf_counter() - started, 1)
+        timings.write_text(json.dumps(done, indent=1))
+        print(f"{row}: trained in {done[row]:.0f} s", flush=True)
+
+
+def evaluate(base: Params, out: Path, rows: list[str], size: int, epochs: int) -> pd.DataFrame:
+    from wbc_transfer.stages import evaluate as evaluate_stage
+
+    records = []
+    for row in rows:
+        params = row_params(base, out, row, size, epochs)
+        if not (params.resolve(params.train.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}").is_dir():
+            continue
+        done = params.resolve(params.evaluate.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "metrics.json"
+        summary = json.loads(done.read_text()) if done.is_file() else \
+            evaluate_stage.main(params, ARCH, PROTOCOL, SEED)
+        record: dict[str, Any] = {"row": row, "options": json.dumps(ROWS[row])}
+        for set_name, scores in summary["sets"].items():
+            low, high = scores["ci"]["f1_macro"]
+            record[set_name] = f"{scores['f1_macro']:.3f} [{low:.3f}, {high:.3f}]"
+            record[f"{set_name}_f1"] = scores["f1_macro"]
+            record[f"{set_name}_cells"] = scores["n_cells"]
+        records.append(record)
+    table = pd.DataFrame(records)
+    table.to_csv(out / "ablation.csv", index=False)
+    print(table.to_markdown(index=False))
+    return table
+
+
+def speed(base: Params, out: Path, rows: list[str], size: int, epochs: int,
+          repeats: int = 3) -> dict[str, float]:
+    """images/s of the predict/serving path (decode + resize + network, batch 32) on the
+    external set's files, per row, alternating rows `repeats` times within this one run."""
+    from wbc_transfer.serving import Classifier, config_from_run_json
+
+    files = sorted(p for p in Path(base.resolve(base.external["tecom"].root)).rglob("*.png"))
+    blobs = [f.read_bytes() for f in files]
+    loaded = {}
+    for row in rows:
+        folder = row_params(base, out, row, size, epochs).resolve(
+            out / row / "train" / f"{ARCH}-{PROTOCOL}-{SEED}")
+        if (folder / "model.pt").is_file():
+            config = out / row / "config.json"
+            info = json.loads((folder / "run.json").read_text())
+            config.write_text(json.dumps(config_from_run_json(info)))
+            loaded[row] = Classifier.from_files(folder / "model.pt", config, "cpu")
+    if "baseline" in loaded:  # the input layers' own cost, on the baseline's weights
+        import copy
+
+        from wbc_transfer import robustness
+
+        base_clf = loaded["baseline"]
+        cfg = base_clf.config
+        train_images = ImageSet.load(out / "prepared" / "heldout.pt").subset("train").images
+        layer = robustness.LabStandardise(cfg["mean"], cfg["std"],
+                                          *robustness.fit_lab_target(train_images))
+        loaded["baseline + lab layer"] = Classifier(
+            robustness.StainNormalised(layer, base_clf.model).eval(), cfg, base_clf.device)
+        frozen = copy.deepcopy(base_clf.model)
+        robustness.freeze_batchnorm(frozen)
+        loaded["baseline + frozen BN"] = Classifier(frozen.eval(), cfg, base_clf.device)
+    torch.set_num_threads(2)
+    seconds: dict[str, list[float]] = {row: [] for row in loaded}
+    for _ in range(repeats):
+        for row, classifier in loaded.items():
+            started = time.perf_counter()
+            classifier.predict_bytes(blobs, batch_size=32)
+            seconds[row].append(time.perf_counter() - started)
+    rates = {row: round(len(blobs) / min(s), 1) for row, s in seconds.items()}
+    (out / "predict_speed.json").write_text(json.dumps(rates, indent=1))
+    print(json.dumps(rates, indent=1))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["train", "evaluate", "speed"])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--out", default="bench/out/robustness")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    base = load_params()
+    out = base.resolve(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in args.rows.split(",") if r]
+    prepare_data(base, out, args.size, args.per_class, external=args.step != "train")
+    step = {"train": train, "evaluate": evaluate, "speed": speed}[args.step]
+    step(base, out, rows, args.size, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

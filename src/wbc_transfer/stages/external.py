@@ -1,0 +1,63 @@
+"""DVC stage `external@<name>`: validate and prepare one external test set (params `external`).
+
+The same check and bad-input policy as `validate` (validate.policy: strict stops on any
+problem, lenient excludes and lists), then the same decode + resize as `prepare`
+(prepare.image_size). Writes validate.report_dir/external/<name>/{report.json, problems.csv}
+and prepare.external_dir/<name>.{csv,pt} (index of usable images with notes; uint8 tensors).
+Nothing is chosen by these sets: evaluate only scores them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from wbc_transfer.config import Params
+from wbc_transfer.data import build_image_set
+from wbc_transfer.external import index_set, report
+from wbc_transfer.io import path_text, write_csv, write_json
+from wbc_transfer.stages.validate import DataValidationError
+
+log = logging.getLogger(__name__)
+
+
+def main(params: Params, name: str) -> dict[str, object]:
+    """Validate and prepare external set `name`; returns its report. Raises KeyError for an
+    unknown name, DataValidationError under validate.policy=strict when a file is bad."""
+    if name not in params.external:
+        raise KeyError(f"external set {name!r} is not in params.yaml `external` "
+                       f"(known: {sorted(params.external)})")
+    entry = params.external[name]
+    root = params.resolve(entry.root)
+    manifest = root / entry.manifest if entry.manifest else None
+    index, problems = index_set(name, root, manifest, params.data.classes)
+    source = path_text(_shown(params, manifest or root))
+    info = report(name, source, index, problems, params.validate.policy)
+    out = params.resolve(params.validate.report_dir) / "external" / name
+    write_csv(out / "problems.csv", problems)
+    write_json(out / "report.json", info)
+    if len(problems):
+        listing = "\n".join(f"  {r.path}: {r.problem}" for r in problems.head(50).itertuples())
+        if params.validate.policy == "strict":
+            raise DataValidationError(
+                f"{len(problems)} data problem(s) in external set {name} ({source}; "
+                f"validate.policy=strict; list in {out / 'problems.csv'}):\n{listing}\n"
+                "Fix or remove these files, or run with -S validate.policy=lenient to exclude them.")
+        log.warning("external set %s: excluding %d problem file(s) (validate.policy=lenient):\n%s",
+                    name, len(problems), listing)
+    if info["large_images"]:
+        log.warning("external set %s: %d image(s) larger than a single-cell crop (notes in the "
+                    "index): likely whole smear fields", name, info["large_images"])
+    if not len(index):
+        raise DataValidationError(f"external set {name} ({source}) has no usable image")
+    images = build_image_set(index, root, params.data.classes, params.prepare.image_size)
+    prepared = params.resolve(params.prepare.external_dir)
+    write_csv(prepared / f"{name}.csv", index)
+    images.save(prepared / f"{name}.pt")
+    log.info("external set %s: %d images, %d cells (%s) at %d px -> %s", name, len(images),
+             info["cells"], info["cells_from"], params.prepare.image_size, prepared / f"{name}.pt")
+    return info
+
+
+def _shown(params: Params, path: Path) -> Path:
+    return path.relative_to(params.root) if path.is_relative_to(params.root) else path
