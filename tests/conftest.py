@@ -118,6 +118,28 @@ def mini_dataset(tmp_path_factory: pytest.TempPathFactory, kaggle_copy) -> Path:
                        train_per_class=40, test_per_class=12)
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_stores():
+    """Each test starts and ends with no tracking or registry URI set in this process (a
+    variable the developer exported is not for the tests either).
+
+    MLflow 3's set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI into os.environ, and the project lets MLFLOW_TRACKING_URI win over
+    params.yaml (tracking.tracking_uri): without this, the store one test set would receive the
+    runs of every later test in the same pytest process."""
+    import mlflow
+
+    def clear() -> None:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+    clear()
+    yield
+    clear()
+
+
 def terminate_when(proc: subprocess.Popen, found: Callable[[], Any], what: str,
                    signum: int = signal.SIGTERM, timeout_s: float = 240) -> tuple[Any, str]:
     """Poll `found()` every 0.5 s while `proc` runs; once it returns something truthy, send
@@ -153,6 +175,7 @@ def write_params(repo: Path, data_root: Path | str, **overrides: Any) -> Path:
     raw["split"]["val_per_class"] = 3
     raw["groups"].update(MINI_GROUPS)
     raw["train"]["overrides"] = {}  # the quick run's per-architecture settings: not for tests
+    raw["external"] = {}  # other labs' sets (tecom.dvc): only where a test asks for one
     for key, value in overrides.items():
         _set(raw, key.replace("__", "."), value)
     repo.mkdir(parents=True, exist_ok=True)

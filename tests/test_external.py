@@ -31,11 +31,6 @@ from conftest import CLASSES, REPO_ROOT, class_files, prepare_tiny, spread, writ
 ARCH = "efficientnet_lite0"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     """Another lab's folder: 3 PNGs per class from TEST (one NEUTROPHIL enlarged to 700 x 525,

@@ -211,7 +211,6 @@ def register(folder: Path, arch: str, temperature: float) -> tuple[str, Path, di
         {**tiny_weights(weights, arch, head_std=0.5), "temperature": temperature})
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("t", artifact_location=(folder / "mlruns").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         pass

@@ -320,7 +320,9 @@ def cam_layer(name: str, model: nn.Module) -> nn.Module:
     last convolutional feature map (`Architecture.cam_layer`). KeyError if `name` is unknown."""
     if name not in REGISTRY:
         raise KeyError(f"unknown architecture {name!r}; known: {sorted(REGISTRY)}")
-    return _get(model, REGISTRY[name].cam_layer)
+    # a network behind a stain-normalisation input layer (robustness.StainNormalised) is `.net`
+    network = getattr(model, "net", model)
+    return _get(network, REGISTRY[name].cam_layer)
 
 
 def rebuild(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
