@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(stage, help=f"run the DVC stage `{stage}`")
     external = sub.add_parser("external", help="run the DVC stage `external@<name>`: validate "
                               "and prepare one external test set (params `external`)")
-    external.add_argument("--name", required=True, help="the set's name in params.yaml `external`")
+    external.add_argument("--name", default=None, help="the set's name in params.yaml `external` "
+                          "(without it: the stage `external-sets`, which lists the sets)")
     for stage in ("train", "evaluate"):
         p = sub.add_parser(stage, help=f"run the DVC stage `{stage}` for one model")
         p.add_argument("--arch", required=True)
@@ -130,7 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in {"train", "evaluate"}:
             module.main(params, arch=args.arch, protocol=args.protocol, seed=args.seed)
         elif args.command == "external":
-            module.main(params, name=args.name)
+            if args.name is None:
+                module.list_sets(params)
+            else:
+                module.main(params, name=args.name)
         elif args.command == "tune":
             module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply)
         else:

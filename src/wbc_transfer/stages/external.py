@@ -21,6 +21,19 @@ from wbc_transfer.stages.validate import DataValidationError
 log = logging.getLogger(__name__)
 
 
+def list_sets(params: Params) -> Path:
+    """DVC stage `external-sets`: write prepare.external_dir/sets.json, the external sets that
+    params.yaml names (name -> root, manifest), and return its path.
+
+    evaluate depends on the folder prepare.external_dir: this file makes that folder exist, and
+    come back with `dvc pull`, also when `external` is empty (before, `dvc repro` then stopped at
+    evaluate: "No such file or directory: .../prepared_external")."""
+    out = params.resolve(params.prepare.external_dir) / "sets.json"
+    write_json(out, {name: {"root": entry.root, "manifest": entry.manifest}
+                     for name, entry in params.external.items()})
+    return out
+
+
 def main(params: Params, name: str) -> dict[str, object]:
     """Validate and prepare external set `name`; returns its report. Raises KeyError for an
     unknown name, DataValidationError under validate.policy=strict when a file is bad."""
