@@ -284,6 +284,19 @@ def test_review_below_out_of_range_is_refused(calibrated_champion, mirror, tmp_p
     assert code == 2 and "--review-below must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_review_below_on_a_model_older_than_the_review_flag_is_refused(mirror, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A format-2 model (registered before `review` existed) runs its own logged code, which
+    dropped review_below silently: every row came back review=False (seen on the champion)."""
+    monkeypatch.setattr(serving, "FORMAT_VERSION", 2)
+    uri = register(tmp_path / "old", "efficientnet_lite0", 1.0)[0]
+    monkeypatch.undo()
+    files = real_images(mirror, tmp_path / "cells", per_class=1)
+    code = main(["predict", str(files[0]), "--tracking-uri", uri, "--review-below", "0.99"])
+    err = capsys.readouterr().err
+    assert code == 2 and "format-2 model" in err and "dvc repro promote" in err
+
+
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "googlenet"])
 def test_explain_writes_one_overlay_per_classified_image(arch, mirror, tmp_path, capsys):
     uri = register(tmp_path / "store", arch, 1.7)[0]

@@ -163,6 +163,16 @@ def load_model(uri: str, tracking_uri: str | None = None):
             f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
 
 
+REVIEW_FORMAT = 3  # the first pyfunc format (serving.FORMAT_VERSION) with `review` and a temperature
+
+
+def format_of(model) -> int:
+    """The wbc-transfer pyfunc format version a loaded model was logged with (MLmodel metadata)."""
+    from wbc_transfer.serving import MARKER_KEY
+
+    return int((model.metadata.metadata or {}).get(MARKER_KEY, 0))
+
+
 def classes_of(model) -> list[str]:
     return list(model.metadata.metadata["classes"])
 
@@ -302,6 +312,12 @@ def main(args: argparse.Namespace) -> int:
         model = load_model(args.model, resolve_tracking_uri(args.tracking_uri, args.params))
     except ModelUnavailableError as exc:
         print(f"wbc-transfer predict: {exc}", file=sys.stderr)
+        return 2
+    if args.review_below > 0 and (found := format_of(model)) < REVIEW_FORMAT:
+        # an older pyfunc runs its own logged code, which drops the review_below param silently
+        print(f"wbc-transfer predict: {args.model} is a format-{found} model, older than the review "
+              f"flag and temperature (format {REVIEW_FORMAT}); re-register it with `dvc repro "
+              "promote` (or `wbc-transfer promote`), or leave out --review-below", file=sys.stderr)
         return 2
     loaded = time.perf_counter()
     stream = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
