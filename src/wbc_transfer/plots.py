@@ -202,3 +202,27 @@ def gallery(pictures: Sequence[np.ndarray], captions: Sequence[str], title: str,
         ax.set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def box_gallery(items: Sequence[tuple], path: Path, title: str = "white cell found (green), "
+                "drawn by hand (yellow)", columns: int = 6) -> Path:
+    """A gallery of images with boxes drawn on them.
+
+    items: (pixels uint8 3 x H x W tensor or H x W x 3 array, found box (x0, y0, x1, y1) px or
+    None, drawn boxes (a list of such tuples, may be empty), caption). Boxes are drawn 2 px wide
+    at the image's own scale (PIL.ImageDraw)."""
+    from PIL import Image, ImageDraw
+
+    pictures, captions = [], []
+    for pixels, found, drawn, caption in items:
+        array = pixels.permute(1, 2, 0).numpy() if hasattr(pixels, "permute") else np.asarray(pixels)
+        image = Image.fromarray(np.ascontiguousarray(array))
+        draw = ImageDraw.Draw(image)
+        width = max(1, round(max(image.size) / 160))
+        for box in drawn:
+            draw.rectangle(list(box), outline=(255, 215, 0), width=width)
+        if found is not None:
+            draw.rectangle(list(found), outline=(0, 200, 0), width=width)
+        pictures.append(np.asarray(image))
+        captions.append(caption)
+    return gallery(pictures, captions, title, path, columns=columns)
