@@ -80,7 +80,8 @@ def centred(root: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    parser.add_argument("--shared", type=Path, default=shared)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "localise")
     args = parser.parse_args()
     torch.set_num_threads(1)

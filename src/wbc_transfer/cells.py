@@ -14,8 +14,9 @@ bench/LOCALISE.md) is a classical stain pipeline at a working resolution of WORK
    Otsu (`skimage.filters.threshold_multiotsu`) over the image's non-fill pixels, bounded below
    by an absolute floor so that an image with no nucleus (blank, red cells only) yields
    nothing. The haematoxylin channel of colour deconvolution (`skimage.color.rgb2hed`) was
-   measured beside it: it separates nucleus from the rest by 2.3x, the stain score by 3x. Lobes of one nucleus are joined by a
-   closing whose radius follows the image's scale; the largest blob is the nucleus.
+   measured beside it: it separates nucleus from the rest by 2.3x, the stain score by 3x.
+   Lobes of one nucleus are joined (a closing, then blobs within a nucleus radius); the
+   largest blob is the nucleus.
 2. Cell: the nucleus box made half-way square and scaled by CELL_MARGIN (fitted on half of the
    drawn boxes). A watershed from the nucleus into the stained pixels around it was measured
    first and lost (median IoU 0.65): the pale cytoplasm is as bright as the glass, and red
@@ -37,9 +38,13 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_multiotsu
 from torchvision.transforms.v2 import functional as TF
 
+from wbc_transfer.config import CELL_FRACTION, VIEWS
+
 WORK_SIDE = 160  # px: the longer side of the working copy (speed: ~3 ms per image)
 FILL_MAX = 12  # a pixel whose channels are all <= this is augmentation fill (black), not data
 NUCLEUS_FLOOR = 45.0  # min stain score (0..255) of a nucleus pixel: red cells stay below ~40
+NOT_FOUND = "no white cell found"  # the start of every not-found note
+SEVERAL = "white-cell candidates"  # in every several-cells note
 MIN_NUCLEUS_FRACTION = 0.002  # of the working image's pixels: smaller blobs are debris/platelets
 SECOND_CELL_AREA = 0.5  # a second blob this large (x the first) and far away: two white cells
 # cell box = nucleus box, half-way to a square, x 1.3: fitted on the even-numbered rows of
@@ -96,13 +101,13 @@ def locate(pixels: torch.Tensor) -> CellBox:
     rgb = small.permute(1, 2, 0).numpy()
     whole = (0.0, 0.0, float(width), float(height))
     if min(rgb.shape[:2]) < 8:
-        return CellBox(whole, None, False, 0, f"no white cell found (image {width}x{height} px is "
+        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (image {width}x{height} px is "
                        "too small to search); whole image used")
     data = rgb.max(axis=2) > FILL_MAX
     score = stain_score(rgb)
     values = score[data]
     if values.size < 16 or float(values.max() - values.min()) < 1e-6:
-        return CellBox(whole, None, False, 0, "no white cell found (uniform image); whole image used")
+        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (uniform image); whole image used")
     threshold = max(float(threshold_multiotsu(values, classes=3)[1]), NUCLEUS_FLOOR)
     mask = (score > threshold) & data
     # join the lobes of one nucleus (a neutrophil's lobes lie a few px apart at this scale)
@@ -110,13 +115,13 @@ def locate(pixels: torch.Tensor) -> CellBox:
     mask = ndi.binary_opening(mask, structure=_disc(1))
     labels, count = ndi.label(mask)
     if count == 0:
-        return CellBox(whole, None, False, 0, "no white cell found (no stained nucleus); "
+        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (no stained nucleus); "
                        "whole image used")
     areas = ndi.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
     min_area = MIN_NUCLEUS_FRACTION * mask.size
     order = np.argsort(areas)[::-1]
     if areas[order[0]] < min_area:
-        return CellBox(whole, None, False, 0, "no white cell found (no nucleus-sized stained "
+        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (no nucleus-sized stained "
                        "blob); whole image used")
     nucleus = labels == order[0] + 1
     # lobes closer than the nucleus radius belong to it (segmented neutrophils, eosinophils)
@@ -129,7 +134,7 @@ def locate(pixels: torch.Tensor) -> CellBox:
                     and not (near & (labels == k + 1)).any())
     nucleus_box = _box(nucleus, scale, width, height)
     box = cell_from_nucleus(nucleus_box)
-    note = "" if cells == 1 else (f"{cells} white-cell candidates: the largest nucleus used")
+    note = "" if cells == 1 else f"{cells} {SEVERAL}: the largest nucleus used"
     return CellBox(box, nucleus_box, True, cells, note)
 
 
@@ -211,3 +216,32 @@ def background_colour(pixels: torch.Tensor) -> torch.Tensor:
     brightness = flat.float().mean(dim=0)
     bright = flat[:, brightness >= torch.quantile(brightness, 0.75)]
     return bright.median(dim=1).values.to(torch.uint8)
+
+
+
+def model_view(pixels: torch.Tensor, size: int, view: str = "full",
+               fraction: float = CELL_FRACTION) -> tuple[torch.Tensor, str, CellBox | None]:
+    """The network's view of one decoded image: the one place where every stage, `predict`, the
+    pyfunc/HTTP path and Grad-CAM turn pixels into a model input.
+
+    pixels: uint8 3 x H x W (`wbc_transfer.images.decode_bytes`). view "full": the whole image
+    resized to size x size (torchvision, bilinear, antialiased: the paper's resize); "cell": the
+    white cell found by `locate`, cropped square and scaled so that it spans `fraction` of the
+    side (`cell_view`). Returns (uint8 3 x size x size, note, CellBox or None for "full"); the
+    note is '' or the localisation's phrase (no cell found: whole image used; several cells).
+    Raises ValueError for an unknown view (naming prepare.view) or a fraction outside (0, 1].
+    """
+    if view == "full":
+        return TF.resize(pixels, [size, size], antialias=True), "", None
+    if view != "cell":
+        raise ValueError(f"prepare.view must be one of {VIEWS}, got {view!r}")
+    found = locate(pixels)
+    return cell_view(pixels, found, size, fraction), found.note, found
+
+
+def localisation_summary(notes: list[str], view: str) -> dict[str, int | str]:
+    """Counts of a set's per-image notes (as `model_view` / `decode_resized` write them):
+    images, cells not found (whole image used), several candidates (the largest used)."""
+    return {"view": view, "images": len(notes),
+            "no_cell": sum(NOT_FOUND in n for n in notes),
+            "several_cells": sum(SEVERAL in n for n in notes)}

@@ -18,6 +18,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 PARAMS_FILE = "params.yaml"
+VIEWS = ("full", "cell")  # prepare.view: the whole image resized | the white cell cropped and scaled
+CELL_FRACTION = 0.6  # prepare.cell_fraction default: the cell spans 60 % of the crop side
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,8 @@ class SplitParams:
 @dataclass(frozen=True)
 class PrepareParams:
     image_size: int = 224
+    view: str = "full"  # full: the whole image resized | cell: the white cell found, cropped, scaled
+    cell_fraction: float = CELL_FRACTION  # view cell: the cell box's longer side spans this share of the side
     out_dir: str = "data/prepared"
     external_dir: str = "data/prepared_external"  # stage `external@<name>`: <name>.csv index, <name>.pt
 
@@ -454,6 +458,7 @@ def check(params: Params) -> None:
     if t.input_size is not None and t.input_size < 32:
         problems.append(f"train.input_size must be >= 32 px or null, got {t.input_size}")
     problems.extend(check_robustness(t))
+    problems.extend(check_view(params.prepare))
     if t.keep not in {"best", "last"}:
         problems.append(f"train.keep must be best or last, got {t.keep!r}")
     if t.patience < 0:
@@ -493,6 +498,16 @@ def check_external(external: dict[str, ExternalSetParams]) -> list[str]:
         if not entry.root:
             problems.append(f"external.{name}.root must name the set's folder (with class "
                             f"sub-folders, or with the files of its manifest)")
+    return problems
+
+
+def check_view(prepare: PrepareParams) -> list[str]:
+    """Problems of prepare.view / prepare.cell_fraction, each naming its parameter."""
+    problems: list[str] = []
+    if prepare.view not in VIEWS:
+        problems.append(f"prepare.view must be one of {list(VIEWS)}, got {prepare.view!r}")
+    if not 0 < prepare.cell_fraction <= 1:
+        problems.append(f"prepare.cell_fraction must be in (0, 1], got {prepare.cell_fraction}")
     return problems
 
 

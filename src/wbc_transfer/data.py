@@ -19,8 +19,10 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from wbc_transfer.cells import model_view
+from wbc_transfer.config import CELL_FRACTION
 from wbc_transfer.images import decode_file
-from wbc_transfer.io import text_path, write_torch
+from wbc_transfer.io import join_notes, text_path, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class ImageSet:
     splits: list[str]
     classes: list[str]
     groups: list[str] = field(default_factory=list)  # the cell of each image (see grouping)
+    view: str = "full"  # prepare.view the images were made with (wbc_transfer.cells.model_view)
+    cell_fraction: float = CELL_FRACTION  # prepare.cell_fraction (view "cell" only)
+    notes: list[str] = field(default_factory=list)  # per image: decoding + localisation notes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,7 +74,8 @@ class ImageSet:
         images = TF.resize(self.images, [size, size], antialias=True) if len(self) else \
             self.images.new_zeros((0, 3, size, size))
         return ImageSet(images=images, labels=self.labels, paths=self.paths, splits=self.splits,
-                        classes=self.classes, groups=self.groups)
+                        classes=self.classes, groups=self.groups, view=self.view,
+                        cell_fraction=self.cell_fraction, notes=self.notes)
 
     def take(self, idx: np.ndarray | Sequence[int]) -> ImageSet:
         """The rows `idx` (int64 positions), in that order."""
@@ -82,12 +88,15 @@ class ImageSet:
             splits=[self.splits[i] for i in idx],
             classes=self.classes,
             groups=[self.groups[i] for i in idx] if self.groups else [],
+            view=self.view, cell_fraction=self.cell_fraction,
+            notes=[self.notes[i] for i in idx] if self.notes else [],
         )
 
     def save(self, path: Path) -> None:
         payload = {
             "images": self.images, "labels": self.labels, "paths": self.paths,
             "splits": self.splits, "classes": self.classes, "groups": self.groups,
+            "view": self.view, "cell_fraction": self.cell_fraction, "notes": self.notes,
         }
         write_torch(path, payload)  # same tensors, same bytes (DVC sees no change)
 
@@ -99,22 +108,29 @@ class ImageSet:
         return cls(**payload)
 
 
-def decode_resized(file: Path, size: int) -> tuple[torch.Tensor, str]:
-    """Decode an image file and resize it to size x size (the paper's resize: torchvision,
-    bilinear, antialiased): (uint8 tensor 3 x size x size, note).
+def decode_resized(file: Path, size: int, view: str = "full",
+                   fraction: float = CELL_FRACTION) -> tuple[torch.Tensor, str]:
+    """Decode an image file and make the network's view of it (`wbc_transfer.cells.model_view`:
+    the whole image resized, or the white cell found, cropped and scaled): (uint8 tensor
+    3 x size x size, note).
 
     Decoding is `wbc_transfer.images.decode_file`, the decoder of validate, predict and HTTP
-    (EXIF orientation applied, 16-bit scaled to 8, conversions stated in the note). Raises
-    ImageError "<file>: <reason>" naming the file."""
+    (EXIF orientation applied, 16-bit scaled to 8, conversions stated in the note); the note
+    also carries the localisation's ("no white cell found ...", "2 white-cell candidates ...").
+    Raises ImageError "<file>: <reason>" naming the file."""
     decoded = decode_file(file)
-    return TF.resize(decoded.pixels, [size, size], antialias=True), decoded.note
+    pixels, note, _ = model_view(decoded.pixels, size, view, fraction)
+    return pixels, join_notes(decoded.note, note)
 
 
 def build_image_set(
-    manifest: pd.DataFrame, images_dir: Path, classes: Sequence[str], size: int
+    manifest: pd.DataFrame, images_dir: Path, classes: Sequence[str], size: int,
+    view: str = "full", fraction: float = CELL_FRACTION,
 ) -> ImageSet:
-    """Decode and resize every manifest row (columns path, label, split; paths as
-    `wbc_transfer.io.path_text` writes them, relative to images_dir) into one ImageSet.
+    """Decode every manifest row (columns path, label, split; paths as
+    `wbc_transfer.io.path_text` writes them, relative to images_dir) into one ImageSet, each
+    image turned into the network's view by `decode_resized` (view, fraction: prepare.view,
+    prepare.cell_fraction); the per-image notes are kept in `ImageSet.notes`.
 
     Raises ValueError for labels outside `classes`, ImageError naming the first file that
     cannot be decoded. Conversions (EXIF orientation, 16-bit, ...) are logged, counted by kind.
@@ -125,9 +141,11 @@ def build_image_set(
         raise ValueError(f"manifest has labels not in data.classes: {sorted(unknown)}")
     images = torch.empty((len(manifest), 3, size, size), dtype=torch.uint8)
     notes: Counter[str] = Counter()
-    for i, rel in enumerate(tqdm(manifest["path"], desc=f"decode+resize {size}px", unit="img",
+    row_notes: list[str] = []
+    for i, rel in enumerate(tqdm(manifest["path"], desc=f"decode + {view} view {size}px", unit="img",
                                  mininterval=2, leave=False)):
-        images[i], note = decode_resized(images_dir / text_path(rel), size)
+        images[i], note = decode_resized(images_dir / text_path(rel), size, view, fraction)
+        row_notes.append(note)
         notes.update([note] if note else [])
     for note, n in sorted(notes.items()):
         log.info("%d image(s): %s", n, note)
@@ -138,6 +156,7 @@ def build_image_set(
         splits=manifest["split"].tolist(),
         classes=list(classes),
         groups=manifest["group"].astype(str).tolist() if "group" in manifest else [],
+        view=view, cell_fraction=fraction, notes=row_notes,
     )
 
 

@@ -31,12 +31,21 @@ from wbc_transfer.robustness import HEDJitter
 RECIPES = ("paper", "modern")
 
 
+# train.norm_layer frozen: the pretrained body learns at this share of train.lr. Without batch
+# statistics the layers are no longer invariant to the scale of their weights, and AdamW moves
+# every weight by ~lr per step whatever its size: at lr 1e-3 EfficientNet-Lite0 collapses to a
+# constant output within a few steps (loss ln 4; bench/ROBUSTNESS.md, tests/test_robustness.py).
+FROZEN_BODY_LR_SCALE = 0.1
+
+
 def make_optimizer(t: TrainParams, model: nn.Module, head: nn.Module, lr: float | None = None,
                    head_lr_factor: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum (paper) or AdamW (modern); `lr`/`head_lr_factor` override `t`'s
     (tuning). `fused`: torch's fused kernel (benchmark only)."""
     lr = t.lr if lr is None else lr
     factor = t.head_lr_factor if head_lr_factor is None else head_lr_factor
+    if t.norm_layer == "frozen":  # the head keeps its rate, the body learns slower (see below)
+        lr, factor = lr * FROZEN_BODY_LR_SCALE, factor / FROZEN_BODY_LR_SCALE
     if t.recipe != "modern":
         return engine_make_optimizer(model, head, lr, factor, t.momentum, fused)
     return torch.optim.AdamW(parameter_groups(model, head, lr, factor), lr=lr,

@@ -157,13 +157,53 @@ def adapt(model: nn.Module, mean: Sequence[float], std: Sequence[float], stain_n
     N x 3 x H x W; None: placeholder buffers that a state dict then fills). Returns `model`
     itself when neither option is on."""
     check_options(stain_norm, norm_layer)
-    if norm_layer == "frozen":
-        freeze_batchnorm(model)
+    net = model
     if stain_norm == "lab":
         target = fit_lab_target(train_images) if train_images is not None else \
             ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
         model = StainNormalised(LabStandardise(mean, std, *target), model)
+    if norm_layer == "frozen":
+        if train_images is not None and len(train_images):
+            estimate_batchnorm(model, train_images, mean, std)
+        freeze_batchnorm(net)
     return model
+
+
+BN_ESTIMATE_IMAGES = 512  # training images whose statistics the frozen BatchNorm layers keep
+
+
+def estimate_batchnorm(model: nn.Module, images: torch.Tensor, mean: Sequence[float],
+                       std: Sequence[float], batch_size: int = 64) -> int:
+    """Re-estimate every BatchNorm2d's running mean/variance on `images` (uint8 N x 3 x H x W,
+    at most BN_ESTIMATE_IMAGES, evenly spaced), as a cumulative average over batches
+    (momentum None), in place, without gradients; returns the number of images used.
+
+    Why (train.norm_layer frozen): with the ImageNet statistics frozen, EfficientNet-Lite0's
+    activations on these smears are off-scale and AdamW at lr 1e-3 drives the network to a
+    constant output within a few steps (loss ln 4 for good: bench/ROBUSTNESS.md). Frozen at the
+    training images' own statistics, the layers normalise as train-mode BatchNorm does at the
+    start, and the network learns (tests/test_robustness.py); nothing is then re-estimated on
+    any other lab's batches, which is the point of the option."""
+    from wbc_transfer.data import MIN_TRAIN_BATCH, batches, normalise
+
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers or not len(images):
+        return 0
+    step = max(1, len(images) // BN_ESTIMATE_IMAGES)
+    sample = images[::step][:BN_ESTIMATE_IMAGES]
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.train()
+    with torch.no_grad():
+        for index in batches(len(sample), batch_size, min_last=MIN_TRAIN_BATCH):
+            model(normalise(sample[index], mean, std))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
+    return len(sample)
 
 
 def options_of(config: Mapping[str, Any]) -> dict[str, str]:

@@ -69,6 +69,8 @@ CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 OPTIONAL_CONFIG = {"temperature": 1.0}  # older models: uncalibrated
 # robustness options (wbc_transfer.robustness): kept when present; absent = none / batchnorm
 OPTIONAL_CONFIG_KEYS = ("stain_norm", "norm_layer")
+# the network's view (wbc_transfer.cells.model_view): kept when present; absent = the whole image
+VIEW_CONFIG_KEYS = ("view", "cell_fraction")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +138,19 @@ class Classifier:
         return output_columns(self.classes)
 
     def preprocess(self, data: bytes) -> tuple[torch.Tensor, str]:
-        from torchvision.transforms.v2 import functional as TF
+        """Image bytes -> (uint8 3 x S x S model input, note): the product's decoder, then the
+        view the model was trained on (`wbc_transfer.cells.model_view`, as the `prepare` stage
+        makes it: the whole image resized, or the white cell cropped and scaled). Raises
+        ImageError for bytes that are not a readable image."""
+        from wbc_transfer.cells import model_view
+        from wbc_transfer.config import CELL_FRACTION
+        from wbc_transfer.io import join_notes
 
         image, note = decode(data)
-        size = int(self.config["image_size"])
-        # the same resize as the `prepare` stage (torchvision, bilinear, antialiased)
-        return TF.resize(image, [size, size], antialias=True), note
+        pixels, view_note, _ = model_view(image, int(self.config["image_size"]),
+                                          self.config.get("view", "full"),
+                                          float(self.config.get("cell_fraction", CELL_FRACTION)))
+        return pixels, join_notes(note, view_note)
 
     @property
     def temperature(self) -> float:
@@ -306,7 +315,8 @@ def config_from_run_json(info: dict[str, Any]) -> dict[str, Any]:
     return {"architecture": info["architecture"], "image_size": int(info["image_size"]),
             "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
             "classes": list(info["classes"]),
-            "temperature": float(info.get("temperature", 1.0)), **robustness.options_of(info)}
+            "temperature": float(info.get("temperature", 1.0)), **robustness.options_of(info),
+            **{k: info[k] for k in VIEW_CONFIG_KEYS if k in info}}
 
 
 def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTIFACT_NAME,
@@ -316,7 +326,7 @@ def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTI
 
     config = {**{k: config[k] for k in CONFIG_KEYS},
               **{k: config.get(k, v) for k, v in OPTIONAL_CONFIG.items()},
-              **{k: config[k] for k in OPTIONAL_CONFIG_KEYS if k in config}}
+              **{k: config[k] for k in OPTIONAL_CONFIG_KEYS + VIEW_CONFIG_KEYS if k in config}}
     digest = file_sha256(weights)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet stage logs
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -1,8 +1,10 @@
 """DVC stage `external@<name>`: validate and prepare one external test set (params `external`).
 
 The same check and bad-input policy as `validate` (validate.policy: strict stops on any
-problem, lenient excludes and lists), then the same decode + resize as `prepare`
-(prepare.image_size). Writes validate.report_dir/external/<name>/{report.json, problems.csv}
+problem, lenient excludes and lists), then the same decode and view as `prepare`
+(prepare.image_size, prepare.view, prepare.cell_fraction; with the cell view, each image's
+localisation note joins its index row and the report counts cells not found / several).
+Writes validate.report_dir/external/<name>/{report.json, problems.csv}
 and prepare.external_dir/<name>.{csv,pt} (index of usable images with notes; uint8 tensors).
 Nothing is chosen by these sets: evaluate only scores them.
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.external import index_set, report
-from wbc_transfer.io import path_text, write_csv, write_json
+from wbc_transfer.io import join_notes, path_text, write_csv, write_json
 from wbc_transfer.stages.validate import DataValidationError
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,14 @@ def main(params: Params, name: str) -> dict[str, object]:
                     "index): likely whole smear fields", name, info["large_images"])
     if not len(index):
         raise DataValidationError(f"external set {name} ({source}) has no usable image")
-    images = build_image_set(index, root, params.data.classes, params.prepare.image_size)
+    prep = params.prepare
+    images = build_image_set(index, root, params.data.classes, prep.image_size, prep.view,
+                             prep.cell_fraction)
+    # the localisation's notes (no cell found, several cells) join the index and the report
+    index["note"] = [join_notes(a, b) for a, b in zip(index["note"], images.notes, strict=True)]
+    info["notes"] = report(name, source, index, problems, params.validate.policy)["notes"]
+    info["localisation"] = localisation_summary(images.notes, prep.view)
+    write_json(out / "report.json", info)
     prepared = params.resolve(params.prepare.external_dir)
     write_csv(prepared / f"{name}.csv", index)
     images.save(prepared / f"{name}.pt")

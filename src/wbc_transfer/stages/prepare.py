@@ -1,4 +1,7 @@
-"""DVC stage `prepare`: decode and resize every image of each protocol once, into uint8 tensors."""
+"""DVC stage `prepare`: turn every image of each protocol into the network's view once
+(`prepare.view`: the whole image resized, or the white cell found, cropped and scaled), into
+uint8 tensors. With the cell view it also reports the localisation: counts per protocol of cells
+found / not found / several (validate.report_dir/cells.json), every noted image (cells.csv)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import logging
 
 import pandas as pd
 
+from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
+from wbc_transfer.io import write_csv, write_json
 from wbc_transfer.splits import PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -15,11 +20,20 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> None:
     out = params.resolve(params.prepare.out_dir)
+    p = params.prepare
+    summary, noted = {}, []
     for protocol in PROTOCOLS:
         manifest = pd.read_csv(params.resolve(params.split.out_dir) / f"{protocol}.csv")
         image_set = build_image_set(
-            manifest, params.images_dir, params.data.classes, params.prepare.image_size
+            manifest, params.images_dir, params.data.classes, p.image_size, p.view, p.cell_fraction
         )
         image_set.save(out / f"{protocol}.pt")
-        log.info("%s: %d images at %dpx -> %s", protocol, len(image_set),
-                 params.prepare.image_size, out / f"{protocol}.pt")
+        summary[protocol] = localisation_summary(image_set.notes, p.view)
+        noted += [{"protocol": protocol, "path": path, "note": note}
+                  for path, note in zip(image_set.paths, image_set.notes, strict=True) if note]
+        log.info("%s: %d images, %s view at %dpx -> %s", protocol, len(image_set), p.view,
+                 p.image_size, out / f"{protocol}.pt")
+    report_dir = params.resolve(params.validate.report_dir)
+    write_json(report_dir / "cells.json", {"view": p.view, "cell_fraction": p.cell_fraction,
+                                           "protocols": summary})
+    write_csv(report_dir / "cells.csv", pd.DataFrame(noted, columns=["protocol", "path", "note"]))

@@ -181,6 +181,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                 "mean": list(built.mean), "std": list(built.std), "classes": data.classes,
                 "validation_split": "val", "recipe": t.recipe, "tta": tta,
                 "stain_norm": t.stain_norm, "norm_layer": t.norm_layer,
+                "view": data.view, "cell_fraction": data.cell_fraction,
                 "selected_epoch": kept_epoch, "temperature": calibrated["temperature"],
                 "temperature_fitted_on": f"validation cells ({len(val_set)} images, "
                                          f"{len(set(val_set.groups or val_set.paths))} cells)"}
