@@ -26,7 +26,7 @@ PAPER_SCALE = -S 'train.architectures=[alexnet,googlenet,resnet50,vgg16,efficien
 paper:  ## the full paper-scale study as a named DVC experiment
 	dvc exp run -n paper-scale $(PAPER_SCALE)
 
-# The best leak-free model measured on the 2-core CPU (README, "Best leak-free model"): it is
+# The best leak-free model measured on the 2-core CPU (docs/experiments.md): it is
 # promoted as the champion by its validation score.
 BEST = -S 'train.architectures=[efficientnet_lite0]' -S 'train.protocols=[heldout,paper,paper_grouped]' \
 	-S prepare.image_size=192 \
@@ -46,12 +46,13 @@ test:  ## the test suite
 lint:
 	ruff check src tests bench
 
-ui:  ## browse runs, curves, confusion matrices and the registry
+UI_PORT ?= 5000
+ui:  ## browse runs, curves, confusion matrices and the registry (port: UI_PORT)
 	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
-	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:5000'))"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:$(UI_PORT)'))"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(UI_PORT) --workers 1  # one local user: the default 4 workers each import MLflow at start
 
-# Team setup (README "Team setup"): one MLflow tracking server for the group, PostgreSQL store,
+# Team setup (docs/team.md): one MLflow tracking server for the group, PostgreSQL store,
 # artifacts proxied by the server. Set MLFLOW_BACKEND to the group's database URL.
 MLFLOW_BACKEND ?= postgresql://mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
