@@ -37,7 +37,7 @@ from wbc_transfer.config import Params
 from wbc_transfer.io import write_csv, write_json, write_text
 from wbc_transfer.metrics import SUMMARY_METRICS
 from wbc_transfer.plots import grouped_bars, leakage_dumbbell, pvalue_heatmap
-from wbc_transfer.report import LABELS, report_markdown, table2_markdown, weights_label
+from wbc_transfer.report import LABELS, ranked_archs, report_markdown, table2_markdown, weights_label
 from wbc_transfer.trust_report import trust_markdown
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,20 @@ def _bars(long: pd.DataFrame, figures_dir: Path, figures: dict[str, Path]) -> No
             return frame.pivot_table(index="architecture", columns="metric", values=column,
                                      aggfunc=agg, sort=False, dropna=False)[list(SUMMARY_METRICS)]
 
-        bars = pivot("value", "mean")
+        ranked, others = ranked_archs(block)  # the ranking's order, then the not pretrained
+        order = [*ranked, *others]
+        bars = pivot("value", "mean").loc[order]
         if block["seed"].nunique() > 1:
-            errors = pivot("value", "std").rename(columns=LABELS)
+            errors = pivot("value", "std").loc[order].rename(columns=LABELS)
         elif block["ci_low"].notna().all():
-            low, high = pivot("ci_low", "mean"), pivot("ci_high", "mean")
+            low, high = pivot("ci_low", "mean").loc[order], pivot("ci_high", "mean").loc[order]
             errors = np.stack([(bars - low).T.to_numpy(), (high - bars).T.to_numpy()], axis=1)
         else:
             errors = None
         name = f"bars_{protocol}_{eval_set}"
+        bars.index = [a if a in ranked else f"{a}\n(not pretrained)" for a in order]
+        if isinstance(errors, pd.DataFrame):
+            errors.index = bars.index
         grouped_bars(bars.rename(columns=LABELS), f"trained on {protocol}, tested on {eval_set}",
                      figures_dir / f"{name}.png", errors=errors)
         figures[name] = figures_dir / f"{name}.png"
