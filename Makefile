@@ -11,19 +11,22 @@ setup:  ## create .venv and install the package with its dev tools
 	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 
-repro:  ## the quick run: every stage, offline, ~15 min on 2 CPU cores
+repro:  ## the quick run: every stage, offline, EfficientNet-Lite0 (minutes on 2 CPU cores)
 	dvc repro
 
-# The paper's study: its recipe (SGD, lr 1e-4, head x10, batch 10), 224 px, 30 epochs, all of
-# TEST; the published leaky 70/30 split and the same split by cell (hours on a CPU; README).
-PAPER_SCALE = -S 'train.protocols=[paper,paper_grouped]' -S train.recipe=paper \
+# The paper's study: its four networks and EfficientNet-Lite0, ImageNet weights required (the
+# `weights` stage stops before any training and names `wbc-transfer fetch-weights` when a file is
+# missing), its recipe (SGD, lr 1e-4, head x10, batch 10), 224 px, 30 epochs, all of TEST; the
+# published leaky 70/30 split and the same split by cell (hours on a CPU; docs/paper.md).
+PAPER_SCALE = -S 'train.architectures=[alexnet,googlenet,resnet50,vgg16,efficientnet_lite0]' \
+	-S train.weights=imagenet -S 'train.protocols=[paper,paper_grouped]' -S train.recipe=paper \
 	-S prepare.image_size=224 -S train.overrides=null -S train.epochs=30 -S train.batch_size=10 \
 	-S train.lr=0.0001 -S train.head_lr_factor=10 -S evaluate.max_per_class=null
 
 paper:  ## the full paper-scale study as a named DVC experiment
 	dvc exp run -n paper-scale $(PAPER_SCALE)
 
-# The best leak-free model measured on the 2-core CPU (README, "Best leak-free model"): it is
+# The best leak-free model measured on the 2-core CPU (docs/experiments.md): it is
 # promoted as the champion by its validation score.
 BEST = -S 'train.architectures=[efficientnet_lite0]' -S 'train.protocols=[heldout,paper,paper_grouped]' \
 	-S prepare.image_size=192 \
@@ -43,12 +46,13 @@ test:  ## the test suite
 lint:
 	ruff check src tests bench
 
-ui:  ## browse runs, curves, confusion matrices and the registry
+UI_PORT ?= 5000
+ui:  ## browse runs, curves, confusion matrices and the registry (port: UI_PORT)
 	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
-	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:5000'))"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:$(UI_PORT)'))"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(UI_PORT) --workers 1  # one local user: the default 4 workers each import MLflow at start
 
-# Team setup (README "Team setup"): one MLflow tracking server for the group, PostgreSQL store,
+# Team setup (docs/team.md): one MLflow tracking server for the group, PostgreSQL store,
 # artifacts proxied by the server. Set MLFLOW_BACKEND to the group's database URL.
 MLFLOW_BACKEND ?= postgresql://mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts

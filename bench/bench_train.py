@@ -68,7 +68,7 @@ from wbc_transfer.engine import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The paper-scale study (README "Paper-scale study"): per architecture.
+# The paper-scale study (docs/experiments.md): per architecture.
 PAPER = {"train_images": 280, "epochs": 30, "val_images": 100, "eval_images": 120 + 2487,
          "image_size": 224, "batch_size": 10}
 

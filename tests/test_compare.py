@@ -1,4 +1,6 @@
-"""The compare stage on synthetic evaluation outputs, and the seed matrix of the DVC pipeline."""
+"""The compare stage on synthetic evaluation outputs (ranking by macro-F1, chance baselines,
+paired-bootstrap tests among pretrained models above chance), and the seed matrix of the DVC
+pipeline."""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from wbc_transfer.stats import bootstrap_settings, intervals
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
-ACCURACY = {"resnet50": 0.9, "alexnet": 0.4}  # roughly, per architecture
+ACCURACY = {"resnet50": 0.95, "googlenet": 0.7, "vgg16": 0.0, "alexnet": 0.4}  # roughly
+# vgg16: pretrained but at chance (a uniformly random guess); alexnet: not pretrained
+PRETRAINED = {"resnet50": True, "googlenet": True, "vgg16": True, "alexnet": False}
 SIZES = {"paper_test": 40, "TEST": 80}
 CI = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
 
@@ -57,6 +61,8 @@ def synthetic_predictions(arch: str, seed: int, eval_set: str) -> pd.DataFrame:
     shift = 0.05 if eval_set == "paper_test" else 0.0  # the leaky set scores a little higher
     wrong = rng.random(n) > ACCURACY[arch] + shift
     predicted = np.where(wrong, (actual + 1 + rng.integers(0, 3, n)) % len(CLASSES), actual)
+    if ACCURACY[arch] == 0:
+        predicted = rng.integers(0, len(CLASSES), n)
     return pd.DataFrame({"path": [f"{eval_set}/{i}.jpeg" for i in range(n)],
                          "group": [f"{eval_set}/cell-{i // 2}" for i in range(n)],  # 2 copies a cell
                          "actual": [CLASSES[i // 2 % len(CLASSES)] for i in range(n)],
@@ -65,10 +71,10 @@ def synthetic_predictions(arch: str, seed: int, eval_set: str) -> pd.DataFrame:
 
 @pytest.fixture
 def synthetic_study(tmp_path: Path):
-    """params.yaml in tmp_path pointing at synthetic eval outputs: 2 archs x 2 seeds."""
+    """params.yaml in tmp_path pointing at synthetic eval outputs: 4 archs x 2 seeds."""
     file = tmp_path / "params.yaml"
     file.write_text(yaml.safe_dump({
-        "train": {"architectures": ["resnet50", "alexnet"], "protocols": ["paper"], "seeds": [1, 2]},
+        "train": {"architectures": list(ACCURACY), "protocols": ["paper"], "seeds": [1, 2]},
         "validate": {"report_dir": "out/data"},
         "evaluate": {"out_dir": "out/eval"},
         "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
@@ -92,7 +98,7 @@ def synthetic_study(tmp_path: Path):
                                                      pred["group"].to_numpy())
             summary = {"model": f"{arch}-paper-{seed}", "run_id": f"run-{arch}-{seed}",
                        "architecture": arch, "protocol": "paper", "seed": seed,
-                       "weights_source": "imagenet:test" if arch == "resnet50" else "random-init",
+                       "weights_source": "imagenet:test" if PRETRAINED[arch] else "random-init",
                        "sets": sets}
             if seed == 1:
                 summary["bootstrap"] = bootstrap_settings(params)
@@ -132,34 +138,68 @@ def test_compare_reports_intervals_seeds_tests_and_leakage_gap(synthetic_study):
     assert re.search(r"\|  \| 1 \| " + CI.pattern, table)
     assert re.search(r"\|  \| 2 \| " + CI.pattern, table)
 
-    # McNemar: one pair per (set, seed), Holm within the block, resnet50 beats alexnet
-    pairs = pd.read_csv(out / "mcnemar.csv")
-    assert len(pairs) == 4
-    assert set(pairs["seed"]) == {1, 2}
+    # tests: only pretrained models above chance (vgg16 is at chance, alexnet not pretrained):
+    # one pair per (set, seed), Holm within the block, resnet50 beats googlenet on macro-F1
+    status = pd.read_csv(out / "status.csv")
+    tested = status[status["eval_set"] == "TEST"].groupby("architecture")["tested"].all()
+    assert tested.to_dict() == {"alexnet": False, "googlenet": True, "resnet50": True,
+                                "vgg16": False}
+    vgg = status[status["architecture"] == "vgg16"]
+    assert not vgg["above_chance"].any() and (vgg["ci_low"] <= vgg["chance_level"]).all()
+    pairs = pd.read_csv(out / "pairwise.csv")
+    assert len(pairs) == 4 and set(pairs["seed"]) == {1, 2}
+    assert set(zip(pairs["arch_a"], pairs["arch_b"], strict=True)) == {("resnet50", "googlenet")}
     test_pairs = pairs[pairs["eval_set"] == "TEST"]
-    assert test_pairs["significant"].all()
+    assert test_pairs["significant"].all() and (test_pairs["difference"] > 0).all()
     assert (test_pairs["p_holm"] == test_pairs["p_value"]).all()  # one pair: Holm changes nothing
-    matrix = pd.read_csv(out / "mcnemar_paper_TEST.csv").set_index("architecture")
-    assert matrix.loc["resnet50", "alexnet"] == matrix.loc["alexnet", "resnet50"] < 0.05
-    for name in ("mcnemar_paper_TEST.png", "mcnemar_paper_paper_test.png", "leakage_gap.png",
+    assert (test_pairs["p_value"] == 2 / (200 + 1)).all()  # no resample reverses the order
+    matrix = pd.read_csv(out / "pairwise_paper_TEST.csv").set_index("architecture")
+    assert matrix.loc["resnet50", "googlenet"] == matrix.loc["googlenet", "resnet50"] < 0.05
+    for name in ("pairwise_paper_TEST.png", "pairwise_paper_paper_test.png", "leakage_gap.png",
                  "bars_paper_TEST.png"):
         assert (params.resolve(params.compare.figures_dir) / name).stat().st_size > 1000
+    chance = pd.read_csv(out / "chance.csv")
+    f1 = chance[(chance["metric"] == "f1_macro") & (chance["eval_set"] == "TEST")]
+    assert set(f1["baseline"]) == {"majority class", "stratified random"}
+    majority = f1[f1["baseline"] == "majority class"]["value"]
+    assert majority.tolist() == pytest.approx([0.1, 0.1])  # balanced: F1 2*0.25/1.25 on 1 class of 4
+    stratified = f1[f1["baseline"] == "stratified random"]
+    assert (abs(stratified["value"] - 0.25) < 0.05).all()
+    assert (stratified["ci_low"] < stratified["value"]).all()
 
     # the leakage gap: paper_test vs TEST per model and seed, with the near-duplicate counts
     gap = pd.read_csv(out / "leakage_gap.csv")
-    assert len(gap) == 2 * 2 * 4  # archs x seeds x metrics
+    assert len(gap) == 4 * 2 * 4  # archs x seeds x metrics
     np.testing.assert_allclose(gap["gap"], gap["paper_test"] - gap["TEST"])
     assert set(gap["paper_test_images_with_cell_in_train"]) == {17}
 
-    # the report states the ranking and the significant differences from the numbers
+    # the report states the ranking (macro-F1) and the significant differences from the numbers
     report = (out / "report.md").read_text()
-    assert "**resnet50** > alexnet: significant in 2 of 2 seeds" in report
-    assert "**resnet50** is significantly more accurate than every other architecture" in report
+    assert "**resnet50** > googlenet: significant in 2 of 2 seeds" in report
+    assert ("**resnet50** (macro-F1 " in report and "has a significantly higher macro-F1 than "
+            "every other model above chance (1 of 1 pairwise differences significant); not "
+            "distinguishable from chance: vgg16; not pretrained, not ranked: alexnet.") in report
     assert "17 of 40 `paper/paper_test` images (42.5%; 9 of 20 cells)" in report
     assert "n = 80 images, 40 cells" in report  # the effective n beside n
-    assert "McNemar tests on the same cells" in report
+    assert "paired cluster bootstrap of the macro-F1 difference" in report
+    assert "McNemar" not in report.replace("over McNemar's test", "").replace(
+        "McNemar's binomial null", "")
+    section = report.split("### Trained on `paper`, evaluated on `TEST`")[1].split("###")[0]
+    ranked = re.findall(r"^\| (\d) \| (\w+) \|", section, re.M)
+    assert ranked == [("1", "resnet50"), ("2", "googlenet"), ("3", "vgg16")]
+    assert "| 3 | vgg16 |" in section and "no: not distinguishable from chance | not tested |" \
+        in section
+    assert "| — | chance: majority class | 0.100" in section
+    assert "Not pretrained (weights unavailable)" in section and "| alexnet |" in section
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (out / link).is_file(), link
+
+    # Table 2: the same order, chance columns, and alexnet in a table of its own
+    block = table.split("evaluated on `TEST`")[1].split("## ")[0]
+    header = next(line for line in block.splitlines() if line.startswith("| Metric |"))
+    assert header == ("| Metric | Seed | resnet50 | googlenet | vgg16 | chance: majority class | "
+                      "chance: stratified random |")
+    assert "| Metric | Seed | alexnet |" in block
 
 
 def test_one_seed_table_shows_value_and_interval(synthetic_study, tmp_path: Path):
@@ -171,4 +211,44 @@ def test_one_seed_table_shows_value_and_interval(synthetic_study, tmp_path: Path
     table = (params.resolve(params.compare.out_dir) / "table2.md").read_text()
     assert "±" not in table.split("Brackets:")[0]
     rows = [line for line in table.splitlines() if line.startswith("| Accuracy |")]
-    assert len(rows) == 2 and all(len(CI.findall(r)) == 2 for r in rows)  # 2 sets x 2 archs
+    # per set: 3 pretrained archs + 2 chance baselines, then alexnet's table of its own
+    assert [len(CI.findall(r)) for r in rows] == [5, 1, 5, 1]
+
+
+def test_a_constant_majority_predictor_does_not_win_on_an_imbalanced_set(tmp_path: Path):
+    """The tecom case: 60 % of the cells in one class. A pretrained model that calls every cell
+    that class has the higher accuracy (0.60 vs ~0.55) but macro-F1 0.19: it ranks below the
+    real model and is not distinguishable from chance, so it takes part in no claim."""
+    n, rng = 200, np.random.default_rng(0)
+    actual = np.where(np.arange(n) < 120, 3, np.arange(n) % 3)  # 120 NEUTROPHIL, 80 others
+    real = np.where(rng.random(n) < 0.55, actual, (actual + 1) % 4)
+    predictions = {"vgg16": np.full(n, 3), "resnet50": real}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "train": {"architectures": list(predictions), "protocols": ["heldout"], "seeds": [42]},
+        "validate": {"report_dir": "out/data"}, "evaluate": {"out_dir": "out/eval"},
+        "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
+                    "figures_dir": "out/compare_figures"}}))
+    params = load_params(tmp_path / "params.yaml")
+    for arch, predicted in predictions.items():
+        folder = tmp_path / "out" / "eval" / f"{arch}-heldout-42"
+        write_csv(folder / "predictions" / "TEST.csv", pd.DataFrame({
+            "path": [f"{i}.jpeg" for i in range(n)], "group": [f"cell-{i}" for i in range(n)],
+            "actual": [CLASSES[i] for i in actual], "predicted": [CLASSES[i] for i in predicted]}))
+        scores = classification_metrics(actual, predicted, CLASSES)
+        scores["ci"] = intervals(params, actual, predicted, len(CLASSES))
+        write_json(folder / "metrics.json", {
+            "model": f"{arch}-heldout-42", "run_id": arch, "architecture": arch,
+            "protocol": "heldout", "seed": 42, "weights_source": "imagenet:test",
+            "bootstrap": bootstrap_settings(params), "sets": {"TEST": scores}})
+    long = compare.main(params)
+    acc = long[long["metric"] == "accuracy"].set_index("architecture")["value"]
+    assert acc["vgg16"] > acc["resnet50"]  # by accuracy the constant predictor would win
+    report = (params.resolve(params.compare.out_dir) / "report.md").read_text()
+    assert re.search(r"^\| 1 \| resnet50 \|", report, re.M)
+    assert re.search(r"^\| 2 \| vgg16 \| 0\.188 \[.*\| no: not distinguishable from chance \|",
+                     report, re.M)
+    assert "significantly" not in report.split("## Summary")[1].split("## ")[0]
+    assert pd.read_csv(params.resolve(params.compare.out_dir) / "pairwise.csv").empty
+    # class-balanced per-cell accuracy: the constant predictor gets 1 of 4 classes right
+    cell = long[long["metric"] == "accuracy"].set_index("architecture")["cell_accuracy"]
+    assert cell["vgg16"] == pytest.approx(0.25)

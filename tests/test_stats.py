@@ -1,15 +1,24 @@
-"""wbc_transfer.stats: cluster-bootstrap intervals, per-cell outcomes, McNemar, Holm."""
+"""wbc_transfer.stats: cluster-bootstrap intervals, per-cell outcomes, chance baselines, the paired
+bootstrap test, Holm."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest, chi2
+import yaml
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from wbc_transfer import stats
+from wbc_transfer.config import Params, load_params
+
+
+def params_with(folder: Path, tree: dict) -> Params:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(tree))
+    return load_params(folder / "params.yaml")
 
 
 def noisy(n: int = 200, accuracy: float = 0.7, k: int = 4, seed: int = 0):
@@ -61,32 +70,66 @@ def test_bootstrap_switched_off_and_empty_set():
     assert all(math.isnan(v) for pair in empty.values() for v in pair)
 
 
-def test_mcnemar_identical_predictions_p_is_one():
-    correct = np.array([True, False, True, True, False] * 10)
-    result = stats.mcnemar(correct, correct)
-    assert (result.b, result.c, result.p_value, result.method) == (0, 0, 1.0, "none")
+def test_set_intervals_is_one_bootstrap_for_summary_and_per_class(monkeypatch, tmp_path: Path):
+    y_true, y_pred = noisy(n=120)
+    groups = np.arange(120) // 3
+    y_true = np.repeat(y_true[::3], 3)  # 40 cells of 3 images, one class each
+    params = params_with(tmp_path / "a", {"compare": {"bootstrap": 300, "confidence": 0.9, "seed": 4}})
+    calls = []
+    original = stats.bootstrap_counts
+    monkeypatch.setattr(stats, "bootstrap_counts",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    summary, per_class = stats.set_intervals(params, y_true, y_pred, list("ABCD"), groups)
+    assert len(calls) == 1
+    assert summary == stats.intervals(params, y_true, y_pred, 4, groups)
+    counts = original(40, 300, 4, strata=y_true[::3])
+    f1_a = []
+    for b in range(300):
+        index = np.repeat(np.arange(120), counts[b][groups])
+        f1_a.append(precision_recall_fscore_support(y_true[index], y_pred[index], labels=range(4),
+                                                    zero_division=0)[2][0])
+    assert per_class["A"]["f1"] == [round(v, 6) for v in stats.percentile_interval(
+        np.array(f1_a), 0.9)]
+    off = params_with(tmp_path / "b", {"compare": {"bootstrap": 0}})
+    assert stats.set_intervals(off, y_true, y_pred, list("ABCD"), groups) == ({}, {})
 
 
-def test_mcnemar_ten_to_zero_is_the_exact_binomial_value():
-    a = np.array([True] * 10 + [True] * 30 + [False] * 5)
-    b = np.array([False] * 10 + [True] * 30 + [False] * 5)
-    result = stats.mcnemar(a, b)
-    assert (result.b, result.c, result.method) == (10, 0, "exact")
-    assert result.p_value == pytest.approx(2 * 0.5**10, rel=1e-12)
-    assert stats.mcnemar(b, a).p_value == pytest.approx(2 * 0.5**10, rel=1e-12)  # symmetric
+def test_balanced_cell_accuracy_counts_each_class_once():
+    # class 0: 3 cells, all right; class 1: 1 cell, wrong (2 images): plain per-cell 0.75
+    correct = [1, 1, 1, 0, 0]
+    groups = ["a", "b", "c", "d", "d"]
+    labels = [0, 0, 0, 1, 1]
+    assert stats.cell_outcomes(correct, groups).mean() == 0.75
+    assert stats.balanced_cell_accuracy(correct, groups, labels) == 0.5
+    assert math.isnan(stats.balanced_cell_accuracy([], [], []))
 
 
-def test_mcnemar_large_discordance_uses_continuity_corrected_chi_square():
-    a = np.array([True] * 30 + [False] * 10 + [True] * 60)
-    b = np.array([False] * 30 + [True] * 10 + [True] * 60)
-    result = stats.mcnemar(a, b)
-    assert (result.b, result.c, result.method) == (30, 10, "chi2-cc")
-    assert result.statistic == pytest.approx((30 - 10 - 1) ** 2 / 40)
-    assert result.p_value == pytest.approx(chi2.sf(19**2 / 40, 1))
-    # just below the threshold: exact
-    small = stats.mcnemar(a[:24], b[:24])
-    assert small.method == "exact"
-    assert small.p_value == pytest.approx(binomtest(24, 24, 0.5).pvalue)
+def test_chance_baselines_score_what_never_looks_at_the_image():
+    y_true = np.array([3] * 60 + [0] * 20 + [1] * 10 + [2] * 10)
+    majority = stats.chance_distribution(y_true, 4, "most_frequent", 50, seed=1)
+    assert (majority["accuracy"] == 0.6).all()  # stratified resamples keep the class counts
+    np.testing.assert_allclose(majority["f1_macro"], 2 * 0.6 / 1.6 / 4)
+    stratified = stats.chance_distribution(y_true, 4, "stratified", 400, seed=1)
+    assert abs(stratified["f1_macro"].mean() - 0.25) < 0.02  # E[F1_k] ~ p_k: mean 1/K
+    assert stratified["f1_macro"].std() > 0.01  # a fresh draw per resample
+    draws = stats.chance_predictions(y_true, "stratified", 3, seed=1)
+    assert draws.shape == (3, 100) and not (draws[0] == draws[1]).all()
+    assert stats.chance_distribution([], 4, "stratified", 10)["f1_macro"].size == 0
+
+
+def test_paired_difference_pairs_resamples():
+    a = np.array([0.8, 0.7, 0.9, 0.85])
+    same = stats.paired_difference(0.8, 0.8, a, a)
+    assert same.difference == 0 and same.p_value == 1.0  # every resample ties: both sides
+    better = stats.paired_difference(0.8, 0.5, a, a - 0.3)
+    assert better.p_value == pytest.approx(2 / 5) and better.low == pytest.approx(0.3)
+    # unpaired spreads overlap, yet b is below a in every resample: the pairing detects it
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.7, 0.1, 999)
+    result = stats.paired_difference(0.70, 0.68, base, base - 0.02)
+    assert result.p_value == pytest.approx(2 / 1000)
+    with pytest.raises(ValueError, match="one length"):
+        stats.paired_difference(0.5, 0.5, a, a[:3])
 
 
 def test_holm_on_known_p_values():

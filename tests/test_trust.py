@@ -21,7 +21,7 @@ from champion_helpers import CLASSES, bad_and_odd_files, real_images, tiny_weigh
 from mlflow import MlflowClient
 from PIL import Image
 
-from wbc_transfer import calibration, models, serving, tracking
+from wbc_transfer import calibration, models, serving, stats, tracking
 from wbc_transfer.cli import main
 from wbc_transfer.config import load_params
 from wbc_transfer.data import normalise
@@ -123,8 +123,24 @@ def trained(tmp_path_factory, mirror):
         "evaluate.gallery_correct": 1, "train.architectures": ["efficientnet_lite0"],
         "train.protocols": ["paper"], "train.seeds": [1]}))
     info = train.main(params, arch="efficientnet_lite0", protocol="paper", seed=1)
-    summary = evaluate.main(params, arch="efficientnet_lite0", protocol="paper", seed=1)
+    draws = []  # every cluster-bootstrap draw evaluate makes (stats.bootstrap_counts calls)
+    original = stats.bootstrap_counts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stats, "bootstrap_counts", lambda *a, **k: draws.append(a) or original(*a, **k))
+        summary = evaluate.main(params, arch="efficientnet_lite0", protocol="paper", seed=1)
+    summary["_bootstrap_draws"] = draws
     return params, info, summary
+
+
+def test_evaluate_draws_the_bootstrap_once_per_set(trained):
+    """Issue 25: the summary and the per-class intervals come from ONE bootstrap per set (the
+    same resamples), not two draws of the same numbers."""
+    _, _, summary = trained
+    sets = summary["sets"]
+    assert len(summary["_bootstrap_draws"]) == len(sets) == 3
+    for scores in sets.values():
+        assert scores["ci"]["f1_macro"][0] <= scores["f1_macro"] <= scores["ci"]["f1_macro"][1]
+        assert set(scores["per_class_ci"]) == set(CLASSES)
 
 
 def test_training_fits_the_temperature_on_validation_and_evaluate_applies_it(trained):

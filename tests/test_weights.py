@@ -343,6 +343,51 @@ def test_weights_stage_with_auto_or_none_records_and_never_fails(tmp_path: Path,
     assert json.loads(params.resolve(params.train.weights_report).read_text()) == found
 
 
+def test_the_quick_run_trains_only_what_has_imagenet_weights_offline():
+    """Issue 25: the offline quick run (`dvc repro`, params.yaml) trains no network from random
+    initialisation: each of its architectures has its ImageNet file shipped in a package."""
+    assert set(TORCHVISION) == set(models.PAPER_NETWORKS)
+    quick = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
+    assert quick.train.architectures
+    for arch in quick.train.architectures:
+        assert models.REGISTRY[arch].weights_url is None, f"{arch} needs a download"
+        assert models.REGISTRY[arch].weights_file().is_file(), arch
+
+
+def test_weights_stage_names_fetch_weights_for_the_paper_networks_it_leaves_out(
+    tmp_path: Path, fake_cache: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    params = stage_params(tmp_path / "missing", "auto", ["efficientnet_lite0"])
+    with caplog.at_level("WARNING"):
+        report = weights_stage.main(params)
+    assert list(report["architectures"]) == ["efficientnet_lite0"]  # the notice is not in it
+    notice = caplog.text
+    assert "The quick run trains efficientnet_lite0 only" in notice
+    assert ("Not trained: alexnet, googlenet, resnet50, vgg16: their ImageNet weights are not in "
+            f"{models.torch_home()}") in notice
+    assert "`wbc-transfer fetch-weights`" in notice
+
+    caplog.clear()
+    monkeypatch.setenv("TORCH_HOME", str(fake_cache))
+    with caplog.at_level("WARNING"):
+        weights_stage.main(stage_params(tmp_path / "present", "auto", ["efficientnet_lite0", "vgg16"]))
+    assert "Not trained" not in caplog.text
+    assert ("ImageNet weights present for alexnet, googlenet, resnet50: train them too with `dvc "
+            "exp run -S 'train.architectures=[efficientnet_lite0,vgg16,alexnet,googlenet,resnet50]'`"
+            ) in caplog.text
+    assert weights_stage.paper_networks_notice(stage_params(tmp_path / "all", "auto")) is None
+
+
+def test_fetch_weights_by_default_fetches_the_paper_networks_too(
+    offline: Path, capsys: pytest.CaptureFixture, tmp_path: Path,
+):
+    params = stage_params(tmp_path, "auto", ["efficientnet_lite0"])
+    assert cli.main(["--params", str(params.root / "params.yaml"), "fetch-weights", "--check"]) == 1
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
+    assert listed == ["efficientnet_lite0", *models.PAPER_NETWORKS]
+
+
 @pytest.mark.slow
 def test_dvc_repro_stops_before_any_training_when_weights_are_missing(repo_copy: Path,  # noqa: F811
                                                                       offline: Path):
@@ -385,12 +430,12 @@ def test_study_with_cached_imagenet_weights_is_marked_pretrained(
 
     table = (prepared / "results/compare/table2.md").read_text()
     weights_rows = [line for line in table.splitlines() if line.startswith("| Weights |")]
-    assert weights_rows and all(r == "| Weights | ImageNet | ImageNet |" for r in weights_rows)
-    assert "random-init" not in table and "NOT ImageNet-pretrained" not in table
+    assert weights_rows and all(r == "| Weights | ImageNet | ImageNet | — | — |" for r in weights_rows)
+    assert "random-init" not in table and "Not pretrained" not in table
     text = (prepared / "results/compare/report.md").read_text()
-    assert "Caution" not in text and "random" not in text
+    assert "Not pretrained" not in text and "random-init" not in text
     ranked = [line for line in text.splitlines() if re.match(r"\| \d+ \| (alexnet|googlenet) \|", line)]
-    assert len(ranked) >= 4 and all(line.endswith("| ImageNet |") for line in ranked)
+    assert len(ranked) >= 4  # both ranked on every set: pretrained
 
     mlflow.set_tracking_uri(params.base.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[params.base.experiment], output_format="list")

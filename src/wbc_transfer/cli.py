@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="only verify the cached files against torchvision's published hash "
                        "prefixes (offline)")
     fetch.add_argument("--arch", action="append", metavar="NAME",
-                       help="architecture (repeatable; default: train.architectures of params.yaml)")
+                       help="architecture (repeatable; default: train.architectures of params.yaml "
+                       "and the paper's four networks)")
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
     from wbc_transfer.predict import add_arguments as predict_arguments
@@ -122,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return predict(args)
         if args.command == "fetch-weights":
             from wbc_transfer import weights_cache
+            from wbc_transfer.models import PAPER_NETWORKS
 
-            archs = args.arch or load_params(args.params).train.architectures
+            archs = args.arch or [*load_params(args.params).train.architectures, *PAPER_NETWORKS]
             return weights_cache.main(archs, check_only=args.check)
         params = load_params(args.params)
         stage = COMMAND_MODULES.get(args.command, args.command)

@@ -80,6 +80,8 @@ class Architecture:
 
 
 REGISTRY: dict[str, Architecture] = {}
+# the study's four networks (torchvision; ImageNet weights downloaded, not shipped in a package)
+PAPER_NETWORKS = ("alexnet", "googlenet", "resnet50", "vgg16")
 
 
 def register(arch: Architecture) -> None:

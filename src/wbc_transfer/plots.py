@@ -68,9 +68,10 @@ def grouped_bars(table: pd.DataFrame, title: str, path: Path, ylabel: str = "sco
 
 
 def pvalue_heatmap(p: pd.DataFrame, diff: pd.DataFrame, alpha: float, title: str,
-                   path: Path) -> Path:
-    """Pairwise test matrix: colour -log10(p), each cell annotated with p and the accuracy
-    difference row minus column; significant cells (p < alpha) are starred and framed."""
+                   path: Path, diff_label: str = "ΔF1") -> Path:
+    """Pairwise test matrix: colour -log10(p), each cell annotated with p and the metric
+    difference row minus column (`diff_label`); significant cells (p < alpha) are starred and
+    framed."""
     n = len(p)
     fig, ax = plt.subplots(figsize=(1.5 * n + 2.5, 1.2 * n + 1.5))
     strength = -np.log10(np.clip(p.to_numpy(dtype=float), 1e-6, 1.0))
@@ -83,7 +84,7 @@ def pvalue_heatmap(p: pd.DataFrame, diff: pd.DataFrame, alpha: float, title: str
                 ax.text(j, i, "-", ha="center", va="center", color="grey")
                 continue
             star = "*" if value < alpha else ""
-            ax.text(j, i, f"p={value:.3g}{star}\nΔacc {diff.iat[i, j]:+.3f}", ha="center",
+            ax.text(j, i, f"p={value:.3g}{star}\n{diff_label} {diff.iat[i, j]:+.3f}", ha="center",
                     va="center", fontsize=8, color="white" if strength[i, j] > 2 else "black")
             if star:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2,

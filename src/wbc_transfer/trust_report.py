@@ -14,6 +14,7 @@ from typing import Any
 from wbc_transfer.comparison import eval_folder, expected_models
 from wbc_transfer.config import Params
 from wbc_transfer.io import read_json
+from wbc_transfer.models import is_pretrained
 from wbc_transfer.stages.train import model_name
 
 
@@ -36,7 +37,8 @@ def _link(file: Path, report_dir: Path, text: str) -> str | None:
 
 def collect_trust(params: Params) -> list[tuple[str, Path, dict[str, Any]]]:
     """(model name, its evaluate folder, its metrics.json) for every expected model that has
-    calibration results (older outputs without them are skipped)."""
+    calibration results (older outputs without them are skipped); the name of a model without
+    ImageNet weights says "(not pretrained)", as the ranking tables keep it apart."""
     found = []
     for arch, protocol, seed in expected_models(params):
         folder = eval_folder(params, arch, protocol, seed)
@@ -44,7 +46,10 @@ def collect_trust(params: Params) -> list[tuple[str, Path, dict[str, Any]]]:
         if file.is_file():
             summary = read_json(file)
             if "review" in summary:
-                found.append((model_name(arch, protocol, seed), folder, summary))
+                name = model_name(arch, protocol, seed)
+                if not is_pretrained(summary.get("weights_source", "")):
+                    name += " (not pretrained)"
+                found.append((name, folder, summary))
     return found
 
 

@@ -4,7 +4,8 @@ Sets: `validation` (the leak-free validation cells every protocol shares: what p
 chooses by), the protocol's own test split (`paper_test` for the paper protocols), the
 leak-free TEST folder, TEST_SIMPLE when the dataset has it, and every external set of params
 `external` (other labs; test sets: reported, never chosen by). Each set is scored per image
-and per cell (a cell is right when more than half of its images are), with cluster-bootstrap
+and per cell (a cell is right when more than half of its images are; the per-cell accuracy is
+class-balanced: the mean over classes of each class's share of right cells), with cluster-bootstrap
 intervals over cells and the effective n (cells) beside n (images).
 
 Trust (issue 14), per set: probabilities are temperature-scaled with the temperature fitted on
@@ -39,7 +40,7 @@ from wbc_transfer.plots import (
     risk_coverage_curves,
 )
 from wbc_transfer.stages.train import model_name
-from wbc_transfer.stats import bootstrap_settings, cell_outcomes, intervals, per_class_intervals
+from wbc_transfer.stats import balanced_cell_accuracy, bootstrap_settings, set_intervals
 from wbc_transfer.threads import policy_for as thread_policy
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,11 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             groups = data.groups or data.paths
             scores = classification_metrics(r.labels, r.predictions, classes)
             scores["n_cells"] = int(len(set(groups)))
-            scores["cell_accuracy"] = float(cell_outcomes(r.labels == r.predictions, groups).mean())
-            scores["ci"] = intervals(params, r.labels, r.predictions, len(classes), groups)
-            scores["per_class_ci"] = per_class_intervals(params, r.labels, r.predictions, classes,
-                                                         groups)
+            scores["cell_accuracy"] = balanced_cell_accuracy(r.labels == r.predictions, groups,
+                                                             r.labels)
+            # one bootstrap for the summary and the per-class intervals (same resamples)
+            scores["ci"], scores["per_class_ci"] = set_intervals(params, r.labels, r.predictions,
+                                                                 classes, groups)
             scores["calibration"] = calibration_scores(params, r, name, set_name, out)
             confidence = r.probabilities.max(axis=1)
             correct = r.labels == r.predictions
@@ -152,7 +154,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
                                               params.evaluate.gallery_correct, device,
                                               out / "figures"):
                     mlflow.log_artifact(str(file), artifact_path="gradcam")
-            log.info("%s on %s: accuracy %.3f, macro-F1 %.3f, per-cell accuracy %.3f "
+            log.info("%s on %s: accuracy %.3f, macro-F1 %.3f, class-balanced per-cell accuracy %.3f "
                      "(n=%d images, %d cells)", name, set_name, scores["accuracy"],
                      scores["f1_macro"], scores["cell_accuracy"], scores["n"], scores["n_cells"])
         review = review_summary(params, curves, confidences)

@@ -32,7 +32,7 @@ def main(params: Params) -> dict[str, object]:
             raise DataValidationError(
                 f"{images_dir / required} not found. Is the dataset in place? "
                 f"Run `dvc repro` (imports it via data.dvc) or set data.root in params.yaml "
-                f"to a copy of the Kaggle layout (see README, 'Data')."
+                f"to a copy of the Kaggle layout (see docs/pipeline.md, 'Data')."
             )
     log.info("scanning %s", images_dir)
     records, folder_problems = scan(images_dir, params.data.classes, params.data.folders)

@@ -8,6 +8,14 @@ weights every architecture of `train.architectures` will start from.
 - `auto` / `none`: records what each architecture will get (ImageNet, or random initialisation
   and why) and never fails.
 
+The quick run (`dvc repro`) trains only the architectures of `train.architectures`, by default
+EfficientNet-Lite0, whose ImageNet weights ship in a pip package and so are present offline on
+every fresh clone. The paper's four torchvision networks need downloaded files; trained from
+random initialisation their rows measure nothing, so they are left out, and the stage prints a
+notice (`paper_networks_notice`): where their files are missing, `wbc-transfer fetch-weights`;
+where present, the command that adds them. The notice is not in the report, so getting a file
+retrains nothing.
+
 Output `train.weights_report` (JSON): the policy and, per architecture, the weights source the
 train stage will record, and the file's name, size and SHA-256. The train stages depend on it,
 so they rerun when the weights they would get change. The weights cache lies outside the
@@ -54,6 +62,29 @@ def missing_message(policy: str, failures: dict[str, models.WeightsUnavailableEr
     return "\n".join(lines)
 
 
+def paper_networks_notice(params: Params) -> str | None:
+    """The notice about the paper's networks that train.architectures leaves out (None when it
+    has them all): whose ImageNet files are missing from the cache (and the command that gets
+    them) and whose are present (and the command that trains them)."""
+    left_out = [n for n in models.PAPER_NETWORKS if n not in params.train.architectures]
+    if not left_out:
+        return None
+    missing = [n for n in left_out if not models.REGISTRY[n].weights_file().is_file()]
+    present = [n for n in left_out if n not in missing]
+    every = ",".join([*params.train.architectures, *left_out])
+    lines = [f"The quick run trains {', '.join(params.train.architectures)} only (train.architectures)."]
+    if missing:
+        lines.append(
+            f"Not trained: {', '.join(missing)}: their ImageNet weights are not in "
+            f"{models.torch_home()}, and from random initialisation they would measure nothing. "
+            "Get them with `wbc-transfer fetch-weights` (on a machine with internet; copy that "
+            "folder here for an offline machine, `wbc-transfer fetch-weights --check` verifies it).")
+    if present:
+        lines.append(f"ImageNet weights present for {', '.join(present)}: train them too with "
+                     f"`dvc exp run -S 'train.architectures=[{every}]'` (or `make paper`).")
+    return "\n".join(lines)
+
+
 def main(params: Params) -> dict[str, Any]:
     """Probe the weights of every configured architecture; write and return the report.
     Raises WeightsUnavailableError listing every failure (policy imagenet or a file)."""
@@ -83,4 +114,7 @@ def main(params: Params) -> dict[str, Any]:
             missing_message(policy, failures, len(params.train.architectures)))
     report = {"policy": policy, "architectures": entries}
     write_json(params.resolve(params.train.weights_report), report)
+    notice = paper_networks_notice(params)
+    if notice:
+        log.warning("%s", notice)
     return report

@@ -1,0 +1,124 @@
+"""The top-level README: short, its links resolve, and every command in it is run by a test or by
+CI (`.ci/run`). A command added to the README without a place that runs it fails here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+PROGRAMS = ("make", "dvc", "wbc-transfer", "pytest", "python", "mlflow", "curl", "pip", "source")
+
+# README command -> (file that runs it, text in that file that shows it does)
+EXERCISED = {
+    "make setup": (".ci/run", "\nmake setup\n"),
+    "make test": (".ci/run", "\nmake test\n"),
+    "pytest": ("Makefile", "\tpytest -q\n"),  # what `make test` runs
+    "make repro": ("tests/test_readme.py", "test_make_repro_is_dvc_repro"),
+    "dvc repro": ("tests/test_team.py", 'sh(["dvc", "repro"], repo, env'),  # a real repo, end to end
+    "make ui": ("tests/test_readme.py", "test_make_ui_serves_the_runs_page"),
+    "wbc-transfer predict path/to/cells/ -o predictions.csv":
+        ("tests/test_predict.py", '"-o", str(output)'),  # a folder, CSV to a file
+    "wbc-transfer fetch-weights": ("tests/test_weights.py", '"fetch-weights"'),
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command of the README: each line of a ```bash block (comments dropped) and each
+    inline code span that starts with a program name (spans with `...` are placeholders)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        commands += [line.split(" #")[0].strip() for line in block.splitlines()
+                     if line.strip() and not line.strip().startswith("#")]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        if span.split(" ")[0] in PROGRAMS and "..." not in span:
+            commands.append(span.strip())
+    return list(dict.fromkeys(commands))
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not link.startswith("http"):
+            assert (REPO / link).is_file(), link
+    for page in (REPO / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not link.startswith("http"):
+                assert (page.parent / link).exists(), f"{page.name}: {link}"
+
+
+def test_every_readme_command_is_run_by_a_test_or_ci():
+    commands = readme_commands(README.read_text())
+    assert {"make setup", "make repro", "make test", "make ui"} <= set(commands)
+    missing = [c for c in commands if c not in EXERCISED]
+    assert not missing, f"README commands no test or CI runs (add one, then list it here): {missing}"
+    for command, (file, evidence) in EXERCISED.items():
+        assert evidence in (REPO / file).read_text(), f"{command}: {file} no longer runs it"
+
+
+def make_executable() -> str:
+    found = shutil.which("make")
+    if found is None:
+        pytest.skip("make not installed")
+    return found
+
+
+def test_make_repro_is_dvc_repro():
+    """`make repro` runs exactly `dvc repro` (which tests/test_team.py runs end to end)."""
+    out = subprocess.run([make_executable(), "-n", "repro"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines() == ["dvc repro"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # a real MLflow server start: 10-50 s
+def test_make_ui_serves_the_runs_page(tmp_path: Path):
+    """`make ui` (on a free port, UI_PORT) prints the address of the training runs and serves it."""
+    make = make_executable()
+    for name in ("Makefile", "params.yaml"):
+        shutil.copyfile(REPO / name, tmp_path / name)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([make, "ui", f"UI_PORT={port}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []  # MLflow may log a line or two first
+        while len(lines) < 5 and not (lines and lines[-1].startswith("training runs: ")):
+            lines.append(proc.stdout.readline())
+        assert lines[-1].startswith(f"training runs: http://127.0.0.1:{port}/#/experiments/"), \
+            lines
+        started = time.monotonic()
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                    status = answer.status
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200, f"make ui exited {proc.poll()} or never answered"
+        print(f"UI answered {time.monotonic() - started:.1f} s after the address was printed")
+        assert (tmp_path / "mlflow.db").is_file()  # the project's store, in the repo folder
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # make, mlflow and its server: the group started here
+        proc.communicate(timeout=30)
