@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro paper best test lint bench tune ui
+.PHONY: setup repro paper best test lint bench tune ui app
 
 setup:  ## create .venv and install the package with its dev tools
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ ui:  ## browse runs, curves, confusion matrices and the registry
 	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
 	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:5000'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+APP_ARGS ?=
+app:  ## the page for lab staff at http://127.0.0.1:8765/ (docs/app.md; APP_ARGS="--port 9000 ...")
+	wbc-transfer app $(APP_ARGS)
 
 # Team setup (README "Team setup"): one MLflow tracking server for the group, PostgreSQL store,
 # artifacts proxied by the server. Set MLFLOW_BACKEND to the group's database URL.
