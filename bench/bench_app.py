@@ -18,8 +18,9 @@
    wait until every row is in the grid and every thumbnail in view has been decoded
    ("classified and shown"). The first real batch after a fresh start (model load included)
    is timed once as "cold".
-5. With screenshots: `--shot` images (a few per class) are classified and the page is saved
-   as a palette PNG (< 200 KB) to `docs/app.png`, one cell's detail with its Grad-CAM to
+5. With screenshots: `--shot` images (a few per class) are classified, the review threshold
+   set to 0.9 and the first cell corrected to its true class; the page is saved as a palette
+   PNG (< 200 KB) to `docs/app.png`, that cell's detail with its Grad-CAM to
    `docs/app-gradcam.png`.
 
 Results: printed as a markdown table and written to bench/out/app.json. Not part of the tests.
@@ -123,7 +124,8 @@ def free_port() -> int:
 def start_app(uri: str, max_images: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", "app", "--port", str(port),
-                             "--tracking-uri", uri, "--max-images", str(max_images)])
+                             "--tracking-uri", uri,
+                             *(["--max-images", str(max_images)] if max_images > 2000 else [])])
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -175,18 +177,22 @@ def reset(page) -> None:
 
 
 def screenshots(page, files: list[Path], grid: Path, detail: Path) -> list[int]:
-    """The page with `files` classified (full page), and the detail of the first cell needing
-    review (its Grad-CAM), each shrunk to a palette PNG."""
+    """The page with `files` classified, the review threshold at 0.9 and the first cell
+    corrected to its true class (the TEST folder it came from), full page; then that cell's
+    detail with its Grad-CAM. Each shrunk to a palette PNG."""
     reset(page)
     classify_in_page(page, files)
-    page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(grid.with_suffix(".raw.png")), full_page=True)
-    cell = page.locator(".card.needs-review, .card:not(.error)").first
-    cell.click()
+    page.fill("#threshold", "0.9")
+    page.dispatch_event("#threshold", "input")
+    page.locator(".card:not(.error)").first.click()
     page.wait_for_function("document.getElementById('cam').complete && "
                            "document.getElementById('cam').naturalWidth > 0")
+    with page.expect_response(lambda r: "/label" in r.url):
+        page.select_option("#correct", files[0].name.split("-")[0])
     page.locator("#detail").screenshot(path=str(detail.with_suffix(".raw.png")))
     page.click("#detail .close")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(grid.with_suffix(".raw.png")), full_page=True)
     return [shrink(grid.with_suffix(".raw.png"), grid), shrink(detail.with_suffix(".raw.png"), detail)]
 
 

@@ -82,7 +82,7 @@ def create_app(model: str, tracking_uri: str | None, limits: Limits | None = Non
     def page(request: Request):
         return templates.TemplateResponse(request, "index.html", {
             "default_model": model, "max_images": limits.max_images,
-            "max_upload_mb": round(limits.max_upload_bytes / 2**20, 1)})
+            "max_upload_mb": f"{limits.max_upload_bytes / 2**20:g}"})
 
     @app.get("/api/models")
     def model_list():

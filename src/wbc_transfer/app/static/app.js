@@ -239,6 +239,7 @@ async function poll() {
   if (data.rows.length) view();
   if (data.state === "done" || data.state === "failed") {
     if (data.state === "failed") say(`classification stopped: ${data.error}`);
+    else say("");
     $("progress-text").textContent += data.state === "done" ? " · done" : " · failed";
     body.dataset.batchState = data.state;
     return;
