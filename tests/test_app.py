@@ -26,6 +26,8 @@ from wbc_transfer.predict import columns
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# (cards are `content-visibility: auto`: their innerText may be empty while off screen, so the
+# test reads textContent)
 # what `evaluate` logs into a run (`<set>_<metric>`, `<set>_<metric>_ci_low/high`), made up here
 RUN_METRICS = {
     "validation_accuracy": 0.81, "validation_accuracy_ci_low": 0.74,
@@ -275,14 +277,14 @@ def test_page_in_a_browser_classify_explain_correct_download(served, browser, ce
     page.wait_for_selector("body[data-batch-state=done]", timeout=60_000)
     assert page.locator(".card:not(.error)").count() == 2
     assert page.locator(".card.error").count() == 1
-    assert "unreadable image" in page.inner_text(".card.error")
+    assert "unreadable image" in page.text_content(".card.error")
     assert page.inner_text("#progress-text").startswith("3 / 3 classified")
     # every thumbnail arrived and decoded
     page.wait_for_function("[...document.querySelectorAll('.card img.thumb')]"
                            ".every(i => i.complete && i.naturalWidth === 64)")
 
     # review: flags follow the threshold slider; the filter shows only those
-    confidences = [float(t) for t in page.locator(".card:not(.error) .conf").all_inner_texts()]
+    confidences = [float(t) for t in page.locator(".card:not(.error) .conf").all_text_contents()]
     page.fill("#threshold", "1")
     page.dispatch_event("#threshold", "input")
     assert page.locator(".card.needs-review").count() == 2
@@ -295,7 +297,7 @@ def test_page_in_a_browser_classify_explain_correct_download(served, browser, ce
 
     # Grad-CAM of the first cell, then a correction
     first = page.locator(".card:not(.error)").first
-    predicted = first.locator(".cls").inner_text()
+    predicted = first.locator(".cls").text_content()
     first.click()
     page.wait_for_function("document.getElementById('cam').complete && "
                            "document.getElementById('cam').naturalWidth === 64")
@@ -304,7 +306,7 @@ def test_page_in_a_browser_classify_explain_correct_download(served, browser, ce
     with page.expect_response(lambda r: "/label" in r.url and r.ok):
         page.select_option("#correct", corrected)
     page.click("#detail .close")
-    assert first.locator(".badge.corrected").inner_text() == f"→ {corrected}"
+    assert first.locator(".badge.corrected").text_content() == f"→ {corrected}"
 
     with page.expect_download() as download:
         page.click("#download-csv")

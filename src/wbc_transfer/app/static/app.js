@@ -239,7 +239,7 @@ async function poll() {
   if (data.rows.length) view();
   if (data.state === "done" || data.state === "failed") {
     if (data.state === "failed") say(`classification stopped: ${data.error}`);
-    else say("");
+    else say(data.skipped ? `${data.skipped} non-image or hidden file(s) skipped` : "", false);
     $("progress-text").textContent += data.state === "done" ? " · done" : " · failed";
     body.dataset.batchState = data.state;
     return;
