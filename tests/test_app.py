@@ -40,6 +40,7 @@ RUN_METRICS = {
     "tecom_accuracy": 0.35, "tecom_f1_macro": 0.342, "tecom_f1_macro_ci_low": 0.292,
     "tecom_f1_macro_ci_high": 0.391, "tecom_n_cells": 299,
     "val_f1_macro": 0.79,  # a per-epoch training curve, not a set
+    "temperature": 1.16,  # train: fitted on the validation cells
     "review_threshold": 0.9,
 }
 
@@ -107,6 +108,7 @@ def test_model_list_and_card_are_read_from_the_registry_and_run(champion):
                                            f"models:/{MODEL_NAME}/{champion.version}"]
     assert card["version"] == champion.version and card["aliases"] == ["champion", "lab-pbc"]
     assert card["trained_on"]["architecture"] == "efficientnet_lite0"
+    assert card["trained_on"]["temperature"] == "1.16"
     assert card["review_threshold"] == pytest.approx(0.9)
     figures = {f["set"]: f for f in card["figures"]}
     assert list(figures) == ["validation", "TEST", "tecom"]  # val_f1_macro is no set

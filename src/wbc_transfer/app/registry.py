@@ -27,6 +27,8 @@ INTERVAL_SUFFIX = "_f1_macro_ci_low"  # a set is listed when evaluate logged thi
 TRAINED_ON = ("architecture", "protocol", "seed", "image_size", "weights_source", "recipe",
               "epochs", "train_images", "train_cells", "validation_images", "validation_cells",
               "selection", "data_md5", "stain_norm", "git_commit")
+# training run metrics shown with them: the kept epoch and the temperature fitted on validation
+TRAINED_ON_METRICS = ("selected_epoch", "epochs_run", "temperature")
 REVIEW_METRIC = "review_threshold"  # evaluate: the confidence that keeps validation accuracy high
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -131,7 +133,8 @@ def card(client: MlflowClient, uri: str) -> Card:
         return out
     params, metrics = run.data.params, run.data.metrics
     out.run_name = run.info.run_name
-    out.trained_on = {k: params[k] for k in TRAINED_ON if k in params}
+    out.trained_on = {**{k: params[k] for k in TRAINED_ON if k in params},
+                      **{k: f"{metrics[k]:g}" for k in TRAINED_ON_METRICS if k in metrics}}
     inputs = getattr(run, "inputs", None)
     out.datasets = sorted({d.dataset.name for d in (getattr(inputs, "dataset_inputs", None) or [])})
     out.figures = evaluation_figures(metrics)
