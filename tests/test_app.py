@@ -152,6 +152,21 @@ def test_rows_are_those_of_predict_with_corrected_label(champion, cells, tmp_pat
     assert {r["review"] for r in reflagged[:4]} == {"True"}  # every confidence is below 1.0
 
 
+def test_further_columns_of_the_rows_are_kept_in_the_csv(champion, cells):
+    """A model whose rows carry more columns (e.g. a prediction `set`) keeps them, after predict's
+    columns and before corrected_label; rows without them are not required to have them."""
+    with client_for(champion) as client:
+        batch_id = upload(client, [(f.name, f.read_bytes()) for f in cells[:2]]).json()["id"]
+        finished(client, batch_id)
+        for row in client.app.state.store.get(batch_id).rows:  # as such a model would give them
+            row["set"] = f"{{{row['predicted']}}}"
+        rows = read_csv(client.get(f"/api/batches/{batch_id}/predictions.csv").text)
+        outside = client.get(f"/api/batches/{batch_id}/thumbs/-1.jpeg")
+    assert list(rows[0]) == [*columns(CLASSES), "set", "corrected_label"]
+    assert [r["set"] for r in rows] == [f"{{{r['predicted']}}}" for r in rows]
+    assert outside.status_code == 404
+
+
 def test_upload_limits_refuse_with_the_option_named(champion, cells):
     data = [(f.name, f.read_bytes()) for f in cells[:3]]
     with client_for(champion, Limits(max_upload_bytes=10**6, max_images=2)) as client:

@@ -167,6 +167,8 @@ class Batch:
 
     def data(self, index: int) -> bytes:
         """The stored bytes of input `index`; IndexError/FileNotFoundError when none."""
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"no row {index} (rows: {len(self.items)})")
         file = self.items[index].file
         if file is None:
             raise FileNotFoundError(f"row {index} has no image")
