@@ -52,6 +52,10 @@ ui:  ## browse runs, curves, confusion matrices and the registry (port: UI_PORT)
 	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:$(UI_PORT)'))"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(UI_PORT) --workers 1  # one local user: the default 4 workers each import MLflow at start
 
+APP_ARGS ?=
+app:  ## the page for lab staff at http://127.0.0.1:8765/ (docs/app.md; APP_ARGS="--port 9000 ...")
+	wbc-transfer app $(APP_ARGS)
+
 # Team setup (docs/team.md): one MLflow tracking server for the group, PostgreSQL store,
 # artifacts proxied by the server. Set MLFLOW_BACKEND to the group's database URL.
 MLFLOW_BACKEND ?= postgresql://mlflow@127.0.0.1:5432/mlflow

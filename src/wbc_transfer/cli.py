@@ -1,4 +1,5 @@
-"""`wbc-transfer` command line: one sub-command per DVC stage, plus data download and predict."""
+"""`wbc-transfer` command line: one sub-command per DVC stage, plus data download, predict and
+the web page (`app`)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
 
     predict_arguments(sub.add_parser(
         "predict", help="classify image files/folders/globs with the registered champion"))
+    from wbc_transfer.app.cli import add_arguments as app_arguments
+
+    app_arguments(sub.add_parser(
+        "app", help="a local web page: upload cells, see class, confidence, review flag and "
+                    "Grad-CAM, correct and download (docs/app.md)"))
     return parser
 
 
@@ -121,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from wbc_transfer.predict import main as predict
 
             return predict(args)
+        if args.command == "app":
+            from wbc_transfer.app.cli import main as app
+
+            return app(args)
         if args.command == "fetch-weights":
             from wbc_transfer import weights_cache
             from wbc_transfer.models import PAPER_NETWORKS
