@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro paper best test lint bench tune ui
+.PHONY: setup repro paper best test lint bench tune ui app
 
 setup:  ## create .venv and install the package with its dev tools
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
