@@ -107,7 +107,8 @@ def locate(pixels: torch.Tensor) -> CellBox:
     score = stain_score(rgb)
     values = score[data]
     if values.size < 16 or float(values.max() - values.min()) < 1e-6:
-        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (uniform image); whole image used")
+        return CellBox(whole, None, False, 0, f"{NOT_FOUND} (no stain contrast: a grey or uniform "
+                       "image); whole image used")
     threshold = max(float(threshold_multiotsu(values, classes=3)[1]), NUCLEUS_FLOOR)
     mask = (score > threshold) & data
     # join the lobes of one nucleus (a neutrophil's lobes lie a few px apart at this scale)

@@ -227,3 +227,26 @@ def box_gallery(items: Sequence[tuple], path: Path, title: str = "white cell fou
         pictures.append(np.asarray(image))
         captions.append(caption)
     return gallery(pictures, captions, title, path, columns=columns)
+
+
+GALLERY_PER_CLASS = 6  # images per class in a localisation gallery (prepare, external@)
+
+
+def localisation_gallery(files: Sequence[Path], captions: Sequence[str], path: Path,
+                         title: str = "white cell found (green box)") -> Path:
+    """A gallery of image files with the white cell that `wbc_transfer.cells.locate` finds
+    drawn on each (decoded by the product's one decoder); a file that cannot be read is left
+    out. Captions: one per file (e.g. class and the localisation note)."""
+    from wbc_transfer.cells import locate
+    from wbc_transfer.images import ImageError, decode_file
+
+    items = []
+    for file, caption in zip(files, captions, strict=True):
+        try:
+            pixels = decode_file(file).pixels
+        except ImageError:
+            continue
+        found = locate(pixels)
+        items.append((pixels, found.box if found.found else None, [],
+                      caption + ("" if found.found else " (no cell found)")))
+    return box_gallery(items, path, title=title)

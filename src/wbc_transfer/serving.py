@@ -290,7 +290,7 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "kornia",
+    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "kornia", "scikit-image",
                     "efficientnet-lite-pytorch", "wbc-transfer"):
         try:
             out.append(f"{package}=={version(package)}")

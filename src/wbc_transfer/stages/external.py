@@ -18,7 +18,8 @@ from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.external import index_set, report
-from wbc_transfer.io import join_notes, path_text, write_csv, write_json
+from wbc_transfer.io import join_notes, path_text, text_path, write_csv, write_json
+from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
 from wbc_transfer.stages.validate import DataValidationError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def main(params: Params, name: str) -> dict[str, object]:
     info["notes"] = report(name, source, index, problems, params.validate.policy)["notes"]
     info["localisation"] = localisation_summary(images.notes, prep.view)
     write_json(out / "report.json", info)
+    sample = index.groupby("label", sort=True).head(GALLERY_PER_CLASS)
+    localisation_gallery([root / text_path(p) for p in sample["path"]],
+                         [f"{label} {note}"[:60] for label, note in zip(sample["label"], sample["note"],
+                                                                        strict=True)],
+                         out / "cells_gallery.png", title=f"{name}: white cell found (green box)")
     prepared = params.resolve(params.prepare.external_dir)
     write_csv(prepared / f"{name}.csv", index)
     images.save(prepared / f"{name}.pt")

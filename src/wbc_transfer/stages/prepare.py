@@ -1,7 +1,8 @@
 """DVC stage `prepare`: turn every image of each protocol into the network's view once
 (`prepare.view`: the whole image resized, or the white cell found, cropped and scaled), into
 uint8 tensors. With the cell view it also reports the localisation: counts per protocol of cells
-found / not found / several (validate.report_dir/cells.json), every noted image (cells.csv)."""
+found / not found / several (validate.report_dir/cells.json), every noted image (cells.csv),
+and a gallery of the boxes found (cells_gallery.png; made for either view)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pandas as pd
 from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
-from wbc_transfer.io import write_csv, write_json
+from wbc_transfer.io import text_path, write_csv, write_json
+from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
 from wbc_transfer.splits import PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -37,3 +39,8 @@ def main(params: Params) -> None:
     write_json(report_dir / "cells.json", {"view": p.view, "cell_fraction": p.cell_fraction,
                                            "protocols": summary})
     write_csv(report_dir / "cells.csv", pd.DataFrame(noted, columns=["protocol", "path", "note"]))
+    manifest = pd.read_csv(params.resolve(params.split.out_dir) / "heldout.csv")
+    sample = manifest.groupby("label", sort=True).head(GALLERY_PER_CLASS)
+    localisation_gallery([params.images_dir / text_path(p) for p in sample["path"]],
+                         sample["label"].tolist(), report_dir / "cells_gallery.png",
+                         title=f"white cell found (green box), {GALLERY_PER_CLASS} images per class")
