@@ -1,14 +1,16 @@
 """The robustness ablation of bench/ROBUSTNESS.md: EfficientNet-Lite0, heldout protocol, one row
-per robustness option (params `train.*`, wbc_transfer.robustness), same seed, same data.
+per view (prepare.view: full | cell) and robustness option (params `train.*`,
+wbc_transfer.robustness), same seed, same images, same budget. Row names: <view>-<option>
+(e.g. cell-hed); a bare option name means the full view (the rows of the first ablation).
 
 Each row calls the pipeline's own stage functions (train, evaluate) with overridden Params into
 its own folder under --out and the MLflow experiment `wbc-robustness-ablation`; nothing in the
-workspace's results/ or data/prepared/ is touched. Data: the workspace's prepared heldout set
-(`dvc checkout`), resized to --size, --per-class training images per class (a seeded sample of
-the heldout training images, which are already spread over the training cells); validation
-cells and TEST as in the pipeline; the external sets of params.yaml `external` prepared like
-the `prepare` stage does. Nothing chooses by a test set here: the kept epoch is chosen by
-validation, and this script only reports.
+workspace's results/ or data/prepared/ is touched. Data: the workspace's heldout manifest
+(data/splits/heldout.csv, `dvc repro split`) decoded in each view at --size, --per-class training
+images per class (a seeded sample of the heldout training images, which are already spread
+over the training cells); validation cells and TEST as in the pipeline; the external sets of
+params.yaml `external` prepared in each view like the `external@` stage does. Nothing chooses
+by a test set here: the kept epoch is chosen by validation, and this script only reports.
 
   python bench/bench_robustness.py train [--rows baseline,colour,...]   # one after another
   python bench/bench_robustness.py evaluate                             # scores + table
@@ -41,44 +43,59 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 # the combination recommended in bench/ROBUSTNESS.md (set after the single-option rows)
 ROWS["combined"] = {**ROWS["colour"], **ROWS["scale"], **ROWS["lab"]}
+# issue 22, fixed before any external score was seen: what differs between labs around the
+# normalised scale: stain (HED), a small magnification jitter, any rotation
+ROWS["labshift"] = {"hed_jitter": 0.05, "scale": (0.9, 1.1), "rotation_deg": 180.0}
+VIEW_ROWS = [f"{view}-{option}" for view in ("full", "cell")
+             for option in ("baseline", "hed", "lab", "frozen_bn", "labshift")]
+
+
+def split_row(row: str) -> tuple[str, str]:
+    """'cell-hed' -> ('cell', 'hed'); 'hed' -> ('full', 'hed')."""
+    view, _, option = row.rpartition("-")
+    return (view or "full"), option
 
 
 def row_params(base: Params, out: Path, row: str, size: int, epochs: int) -> Params:
-    """`base` with the row's train options and every output under out/<row>."""
+    """`base` with the row's view and train options and every output under out/<row>."""
+    view, option = split_row(row)
     train = replace(base.train, architectures=(ARCH,), protocols=(PROTOCOL,), seeds=(SEED,),
                     epochs=epochs, input_size=None, overrides={}, num_threads=2,
                     out_dir=str(out / row / "train"), checkpoint_dir=str(out / row / "ckpt"),
-                    **ROWS[row])
+                    **ROWS[option])
     return replace(base, train=train,
                    base=replace(base.base, experiment="wbc-robustness-ablation"),
-                   prepare=replace(base.prepare, image_size=size, out_dir=str(out / "prepared"),
-                                   external_dir=str(out / "prepared_external")),
+                   prepare=replace(base.prepare, image_size=size, view=view,
+                                   out_dir=str(out / f"prepared-{view}"),
+                                   external_dir=str(out / f"prepared_external-{view}")),
                    evaluate=replace(base.evaluate, out_dir=str(out / row / "eval")))
 
 
-def prepare_data(base: Params, out: Path, size: int, per_class: int, external: bool) -> None:
-    """out/prepared/heldout.pt (resized, training images capped per class) and the external
-    sets, once."""
+def prepare_data(base: Params, out: Path, size: int, per_class: int, external: bool,
+                 views: set[str]) -> None:
+    """out/prepared-<view>/heldout.pt (the heldout manifest in that view at `size`, training
+    images capped per class by the same seeded sample in every view) and the external sets,
+    once per view."""
+    from wbc_transfer.data import build_image_set
     from wbc_transfer.stages import external as external_stage
 
-    target = out / "prepared" / "heldout.pt"
-    if not target.is_file():
-        full = ImageSet.load(base.resolve(base.prepare.out_dir) / "heldout.pt").resized(size)
-        parts = [full.subset("train", per_class, base.split.seed)]
-        parts += [full.subset(s) for s in ("val", "test", "test_simple")]
-        images = ImageSet(images=torch.cat([p.images for p in parts]),
-                          labels=torch.cat([p.labels for p in parts]),
-                          paths=sum((p.paths for p in parts), []),
-                          splits=sum((p.splits for p in parts), []), classes=full.classes,
-                          groups=sum((p.groups for p in parts), []))
-        images.save(target)
-    if external:
-        params = replace(base, prepare=replace(base.prepare, image_size=size,
-                                               external_dir=str(out / "prepared_external")),
-                         validate=replace(base.validate, report_dir=str(out / "data")))
-        for name in base.external:
-            if not (out / "prepared_external" / f"{name}.pt").is_file():
-                external_stage.main(params, name)
+    manifest = pd.read_csv(base.resolve(base.split.out_dir) / "heldout.csv")
+    train = manifest[manifest["split"] == "train"]
+    capped = train.groupby("label", group_keys=False).apply(
+        lambda g: g.sample(min(per_class, len(g)), random_state=base.split.seed))
+    rows = pd.concat([capped, manifest[manifest["split"] != "train"]], ignore_index=True)
+    for view in sorted(views):
+        target = out / f"prepared-{view}" / "heldout.pt"
+        if not target.is_file():
+            build_image_set(rows, base.images_dir, base.data.classes, size, view,
+                            base.prepare.cell_fraction).save(target)
+        if external:
+            params = replace(base, prepare=replace(base.prepare, image_size=size, view=view,
+                                                   external_dir=str(out / f"prepared_external-{view}")),
+                             validate=replace(base.validate, report_dir=str(out / f"data-{view}")))
+            for name in base.external:
+                if not (out / f"prepared_external-{view}" / f"{name}.pt").is_file():
+                    external_stage.main(params, name)
 
 
 def train(base: Params, out: Path, rows: list[str], size: int, epochs: int) -> None:
@@ -109,7 +126,7 @@ def evaluate(base: Params, out: Path, rows: list[str], size: int, epochs: int) -
         done = params.resolve(params.evaluate.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "metrics.json"
         summary = json.loads(done.read_text()) if done.is_file() else \
             evaluate_stage.main(params, ARCH, PROTOCOL, SEED)
-        record: dict[str, Any] = {"row": row, "options": json.dumps(ROWS[row])}
+        record: dict[str, Any] = {"row": row, "options": json.dumps(ROWS[split_row(row)[1]])}
         for set_name, scores in summary["sets"].items():
             low, high = scores["ci"]["f1_macro"]
             record[set_name] = f"{scores['f1_macro']:.3f} [{low:.3f}, {high:.3f}]"
@@ -146,7 +163,7 @@ def speed(base: Params, out: Path, rows: list[str], size: int, epochs: int,
 
         base_clf = loaded["baseline"]
         cfg = base_clf.config
-        train_images = ImageSet.load(out / "prepared" / "heldout.pt").subset("train").images
+        train_images = ImageSet.load(out / "prepared-full" / "heldout.pt").subset("train").images
         layer = robustness.LabStandardise(cfg["mean"], cfg["std"],
                                           *robustness.fit_lab_target(train_images))
         loaded["baseline + lab layer"] = Classifier(
@@ -170,7 +187,7 @@ def speed(base: Params, out: Path, rows: list[str], size: int, epochs: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["train", "evaluate", "speed"])
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(VIEW_ROWS))
     parser.add_argument("--out", default="bench/out/robustness")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--per-class", type=int, default=200)
@@ -180,7 +197,8 @@ def main() -> None:
     out = base.resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in args.rows.split(",") if r]
-    prepare_data(base, out, args.size, args.per_class, external=args.step != "train")
+    prepare_data(base, out, args.size, args.per_class, external=args.step != "train",
+                 views={split_row(r)[0] for r in rows})
     step = {"train": train, "evaluate": evaluate, "speed": speed}[args.step]
     step(base, out, rows, args.size, args.epochs)
 

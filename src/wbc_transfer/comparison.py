@@ -75,6 +75,7 @@ def collect(params: Params) -> pd.DataFrame:
                     "weights_source": summary["weights_source"],
                     "pretrained": models.is_pretrained(summary["weights_source"]),
                     "recipe": summary.get("recipe", "paper"), "run_id": run_id,
+                    "view": summary.get("view", "full"),
                 })
     return pd.DataFrame(rows)
 

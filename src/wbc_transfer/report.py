@@ -24,6 +24,9 @@ ORDER = ("f1_macro", *(m for m in SUMMARY_METRICS if m != "f1_macro"))  # rows: 
 NOT_PRETRAINED = "Not pretrained (weights unavailable)"
 NOT_CHANCE = "not distinguishable from chance"
 
+# what the network saw (prepare.view, wbc_transfer.cells.model_view)
+VIEW_LABELS = {"full": "whole image", "cell": "cell crop (localised)"}
+
 
 def weights_label(source: str) -> str:
     return "ImageNet" if models.is_pretrained(source) else f"**{source}**"
@@ -131,6 +134,11 @@ def _metric_rows(block: pd.DataFrame, archs: list[str], chance: pd.DataFrame) ->
                for a in archs]
     lines.append("| Weights | " + ("| " if several else "") + " | ".join(
         [*sources, *("—" for _ in baselines)]) + " |")
+    views = [VIEW_LABELS.get(v, v) for v in
+             (block[block["architecture"] == a]["view"].iloc[0] if "view" in block else "full"
+              for a in archs)]
+    lines.append("| View (prepare.view) | " + ("| " if several else "") + " | ".join(
+        [*views, *("—" for _ in baselines)]) + " |")
     return lines
 
 

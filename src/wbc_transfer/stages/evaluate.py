@@ -174,6 +174,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     summary = {"model": name, "architecture": arch,
                "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
                "recipe": info.get("recipe", "paper"), "tta": bool(params.evaluate.tta),
+               "view": info.get("view", "full"),
                "bootstrap": bootstrap_settings(params), "temperature": temperature,
                "review": review, "sets": results}
     write_json(out / "metrics.json", summary)

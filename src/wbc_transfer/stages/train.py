@@ -68,7 +68,8 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     tta = params.evaluate.tta
 
     resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
-                "image_size": data.size, "weights_source": built.weights_source}
+                "image_size": data.size, "weights_source": built.weights_source,
+                "view": data.view, "cell_fraction": data.cell_fraction}
     for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir", "weights_report",
                 "overrides"):
         resolved.pop(key)
