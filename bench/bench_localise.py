@@ -3,7 +3,7 @@ offset and "no cell" rate on centred single-cell sets (tecom, pbc), time per ima
 
     python bench/bench_localise.py [--shared ../shared/data] [--out bench/out/localise]
 
-Writes <out>/summary.json, <out>/boxes.csv (one row per BCCD image) and <out>/gallery.png;
+One thread. Writes <out>/summary.json, <out>/boxes.csv (one row per BCCD image) and <out>/gallery.png;
 the numbers go to bench/LOCALISE.md by hand.
 """
 
@@ -23,6 +23,7 @@ from wbc_transfer.images import decode_file
 from wbc_transfer.plots import box_gallery
 
 SMEARS = "blood-cells/dataset-master/dataset-master/JPEGImages"
+KAGGLE_TEST = "blood-cells/dataset2-master/dataset2-master/images/TEST"
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -58,6 +59,47 @@ def bccd(shared: Path) -> tuple[pd.DataFrame, list]:
         if len(shown) < 24:
             shown.append((pixels, box, truth, f"{image} IoU {best:.2f}"))
     return pd.DataFrame(rows), shown
+
+
+def kaggle_crops(shared: Path) -> dict[str, float]:
+    """The Kaggle TEST crops (320 x 240, augmented): cells found, several, ms per image."""
+    files = sorted((shared / KAGGLE_TEST).glob("*/*.jpeg"))
+    found = several = 0
+    times = []
+    for file in files:
+        pixels = decode_file(file).pixels
+        start = time.perf_counter()
+        cell = locate(pixels)
+        times.append(time.perf_counter() - start)
+        found += cell.found
+        several += cell.cells > 1
+    return {"images": len(files), "no_cell": 1 - found / len(files), "several": several / len(files),
+            "ms_per_image_320x240_median": 1000 * float(np.median(times)),
+            "ms_per_image_320x240_p95": 1000 * float(np.percentile(times, 95))}
+
+
+def predict_speed(shared: Path, repeats: int = 3) -> dict[str, float]:
+    """images/s of the served path (Classifier.predict_bytes: decode, view, EfficientNet-Lite0
+    at 128 px, batch 32, one thread) on 400 Kaggle TEST files, full vs cell view, alternated."""
+    from wbc_transfer import models
+    from wbc_transfer.serving import Classifier
+
+    files = sorted((shared / KAGGLE_TEST).glob("*/*.jpeg"))[::6][:400]
+    blobs = [f.read_bytes() for f in files]
+    built = models.build("efficientnet_lite0", 4, "auto", 128)
+    config = {"architecture": "efficientnet_lite0", "image_size": 128, "mean": list(built.mean),
+              "std": list(built.std), "classes": ["E", "L", "M", "N"]}
+    classifiers = {view: Classifier(built.model.eval(), {**config, "view": view}, torch.device("cpu"))
+                   for view in ("full", "cell")}
+    seconds: dict[str, list[float]] = {view: [] for view in classifiers}
+    for _ in range(repeats):
+        for view, classifier in classifiers.items():
+            start = time.perf_counter()
+            classifier.predict_bytes(blobs, batch_size=32)
+            seconds[view].append(time.perf_counter() - start)
+    rates = {view: len(blobs) / min(s) for view, s in seconds.items()}
+    return {**{f"{v}_images_per_s": round(r, 1) for v, r in rates.items()},
+            "drop": round(1 - rates["cell"] / rates["full"], 3)}
 
 
 def centred(root: Path) -> dict[str, float]:
@@ -100,6 +142,8 @@ def main() -> None:
     }
     for name in ("tecom", "pbc"):
         summary[name] = centred(args.shared / "external" / name)
+    summary["kaggle_test"] = kaggle_crops(args.shared)
+    summary["predict"] = predict_speed(args.shared)
     box_gallery(shown, args.out / "gallery.png")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
