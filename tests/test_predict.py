@@ -216,12 +216,58 @@ def test_missing_alias_or_store_is_one_clear_message(champion, images, tmp_path,
     code, out, err = run_cli([str(images[0]), "--tracking-uri", champion.tracking_uri,
                               "--model", "models:/wbc-classifier@nope"], capsys)
     assert code == 2 and out == ""
-    assert "cannot load models:/wbc-classifier@nope" in err and "wbc-transfer promote" in err
+    assert "cannot load models:/wbc-classifier@nope" in err and "make repro" in err
     assert "Traceback" not in err
     missing_db = f"sqlite:///{tmp_path / 'absent.db'}"
     code, _, err = run_cli([str(images[0]), "--tracking-uri", missing_db], capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_fresh_clone_names_the_command_that_makes_a_champion(images, tmp_path, capsys,
+                                                             monkeypatch):
+    """A clone before any run: params.yaml, no mlflow.db. The message names `make repro` /
+    `dvc repro`, and nothing is created."""
+    import shutil
+
+    from conftest import REPO_ROOT
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copyfile(REPO_ROOT / "params.yaml", clone / "params.yaml")
+    monkeypatch.chdir(clone)
+    code, out, err = run_cli([str(images[0])], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "no champion yet" in err and "make repro" in err and "dvc repro" in err, err
+    assert sorted(p.name for p in clone.iterdir()) == ["params.yaml"]
+
+
+def test_a_local_model_folder_needs_no_tracking_store(champion, images, tmp_path, capsys,
+                                                     monkeypatch):
+    """`--model <folder>` (a downloaded champion) classifies in a clone with no mlflow.db and
+    leaves none behind (MLflow would look the folder's logged-model id up in the store)."""
+    import shutil
+
+    import mlflow
+
+    from conftest import REPO_ROOT
+
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=MODEL_URI,
+                                                 dst_path=str(tmp_path / "model"))
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copyfile(REPO_ROOT / "params.yaml", clone / "params.yaml")
+    monkeypatch.chdir(clone)
+    code, out, err = run_cli([str(images[0]), "--model", folder], capsys)
+    assert code == 0, err
+    rows = read_rows(out, "csv")
+    assert len(rows) == 1 and rows[0]["predicted"] in CLASSES and rows[0]["error"] == ""
+    assert sorted(p.name for p in clone.iterdir()) == ["params.yaml"]
+    code, _, err = run_cli([str(images[0]), "--model", str(tmp_path)], capsys)
+    assert code == 2 and "no MLmodel file" in err
 
 
 def test_registration_is_idempotent_per_run(champion):
