@@ -176,6 +176,54 @@ def test_four_processes_open_a_fresh_store_at_once(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+BUSY_WRITER = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from wbc_transfer import tracking
+from wbc_transfer.config import load_params
+params = load_params(sys.argv[1])
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():  # the store is locked from now on
+    time.sleep(0.05)
+tracking.setup(params)
+MlflowClient(tracking.tracking_uri(params)).log_metric(sys.argv[3], "busy", 1.0)
+"""
+
+
+@pytest.mark.slow
+def test_writers_wait_for_a_busy_sqlite_store(tmp_path):
+    """Another process holds the SQLite write lock for 15 s (a long commit, a UI query, a
+    backup); two processes that open the store meanwhile and log a metric wait for it. Without
+    a busy timeout on the store's URI they died with "database is locked" after ~10 s."""
+    import sqlite3
+
+    params = load_params(write_params(tmp_path, "unused", **{
+        "base.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    tracking.setup(params)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment)
+    runs = [client.create_run(experiment.experiment_id).info.run_id for _ in range(2)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    writers = [subprocess.Popen([sys.executable, "-c", BUSY_WRITER, str(tmp_path / "params.yaml"),
+                                 str(tmp_path), run_id], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for run_id in runs]
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blocker = sqlite3.connect(tmp_path / "mlflow.db", timeout=0, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    (tmp_path / "go").touch()
+    time.sleep(15)
+    blocker.execute("COMMIT")
+    blocker.close()
+    outputs = [w.communicate(timeout=180)[0] for w in writers]
+    failed = [out[-800:] for w, out in zip(writers, outputs, strict=True) if w.returncode]
+    assert not failed, failed
+    assert [client.get_run(r).data.metrics["busy"] for r in runs] == [1.0, 1.0]
+
+
 # --- 12: reruns give the same bytes ---------------------------------------------------------
 
 def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):

@@ -31,17 +31,35 @@ def home_root(root: Path) -> Path:
     return root
 
 
+#: seconds a SQLite client waits for another process's write lock before "database is locked"
+#: (MLflow's and Optuna's local stores; sqlite3's default is 5 s)
+SQLITE_TIMEOUT_S = 60
+
+
+def with_busy_timeout(uri: str) -> str:
+    """`uri` with `timeout=SQLITE_TIMEOUT_S` added when it is a SQLite file URL without one
+    (SQLAlchemy's pysqlite dialect passes it to `sqlite3.connect`); other URIs unchanged.
+
+    MLflow sets a busy timeout inside its sessions only; a process that opens the store (engine
+    creation, schema check) while another one holds the write lock used sqlite3's 5 s default
+    and died with "database is locked" (tests/test_runs.py)."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_TIMEOUT_S}"
+
+
 def tracking_uri(params: Params) -> str:
-    """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root.
+    """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root. A SQLite
+    store gets a busy timeout (`with_busy_timeout`).
 
     Relative SQLite paths would land in DVC's temporary copies (`dvc exp run --temp`), so the
     default is always absolute and points at the user's repository.
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return with_busy_timeout(os.environ["MLFLOW_TRACKING_URI"])
     if params.base.tracking_uri:
-        return params.base.tracking_uri
-    return f"sqlite:///{home_root(params.root) / 'mlflow.db'}"
+        return with_busy_timeout(params.base.tracking_uri)
+    return with_busy_timeout(f"sqlite:///{home_root(params.root) / 'mlflow.db'}")
 
 
 # The MLflow 3 UI opens an experiment on its GenAI view (traces, token usage) unless the
