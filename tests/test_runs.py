@@ -229,7 +229,8 @@ def test_writers_wait_for_a_busy_sqlite_store(tmp_path):
 def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
     """torch.save into the temporary file recorded its random name in the archive: every
     `prepare` wrote other bytes, and dvc.lock changed on a rerun of the same commit."""
-    params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32}))
+    params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32,
+                                                             "train.architectures": [ARCH]}))
     images = params.images_dir
     for protocol, folder in (("paper", "TRAIN"), ("paper_grouped", "TRAIN"), ("heldout", "TEST")):
         rows = [(f"{folder}/{c}/{f.name}", c, "train" if i % 3 else "test")
@@ -240,7 +241,8 @@ def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
     outputs = []
     for name in ("first", "second"):
         rerun = load_params(write_params(tmp_path, mini_dataset, **{
-            "prepare.image_size": 32, "prepare.out_dir": f"prepared-{name}"}))
+            "prepare.image_size": 32, "prepare.out_dir": f"prepared-{name}",
+            "train.architectures": [ARCH]}))
         prepare.main(rerun)
         outputs.append({p: (rerun.resolve(rerun.prepare.out_dir) / f"{p}.pt").read_bytes()
                         for p in prepare.PROTOCOLS})
