@@ -140,6 +140,37 @@ def ui_url(params: Params, server: str = "http://127.0.0.1:5000") -> str:
     return f"{server.rstrip('/')}/#/experiments/{setup(params)}{UI_TRAINING_VIEW}"
 
 
+class PortInUseError(RuntimeError):
+    """A server was asked to listen on a port something else already holds."""
+
+
+def require_free_port(host: str, port: int, variable: str) -> None:
+    """Raise PortInUseError naming `variable` (the Makefile variable that picks the port) when
+    `host:port` cannot be bound: `mlflow ui` beside `make server` on 5000 logged "Address
+    already in use" and exited 0."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {host} is in use ({exc.strerror}): another server (`make "
+                f"server`, an earlier `make ui`) listens there; stop it or pick another port, "
+                f"e.g. `make ui {variable}={port + 1}`") from None
+
+
+def ui(params: Params, host: str, port: int) -> int:
+    """`make ui`: the MLflow UI on the project's store (the same URI every stage uses, paths
+    with spaces included) after checking the port is free; prints the training-runs address
+    first. Returns the UI's exit code."""
+    require_free_port(host, port, "UI_PORT")
+    print("training runs:", ui_url(params, f"http://{host}:{port}"), flush=True)
+    command = ["mlflow", "ui", "--backend-store-uri", tracking_uri(params), "--host", host,
+               "--port", str(port)]
+    return subprocess.run(command, check=False).returncode
+
+
 def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
