@@ -307,3 +307,22 @@ def test_the_pyfunc_decodes_base64_row_by_row(champion, images):
     assert "string input is not valid base64" in out["error"][1] and out["predicted"][1] is None
     for c in PROB_COLUMNS:
         assert out[c][0::2].tolist() == pytest.approx(expected[c].tolist(), abs=1e-6)
+
+
+def test_files_skipped_for_their_suffix_are_counted_and_named(champion, images, tmp_path, capsys):
+    """A phone's `.heic` and a `.txt` in a folder: skipped (not an image suffix), and the
+    summary says how many and which (it counted only what it classified)."""
+    import shutil
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    shutil.copyfile(images[0], folder / images[0].name)
+    (folder / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "notes.txt").write_text("cells of Monday\n")
+    code, out, err = run_cli([str(folder), "--tracking-uri", champion.tracking_uri], capsys)
+    assert code == 0 and len(read_rows(out, "csv")) == 1
+    assert (f"1 classified, 0 failed, 2 skipped (not an image file suffix: "
+            f"{folder / 'IMG_0001.heic'}, {folder / 'notes.txt'})") in err
+    code, _, err = run_cli([str(folder / "notes.txt"), str(tmp_path / "none"), "--tracking-uri",
+                            champion.tracking_uri], capsys)
+    assert "skipped" not in err  # named files are tried, whatever their suffix

@@ -202,3 +202,45 @@ def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str]:
         return np.array(image.convert("RGB"), dtype=np.uint8), note
     except Exception as exc:
         raise ImageError(f"cannot convert mode {mode} to RGB: {exc}") from None
+
+
+def link_problem(link: Path) -> str:
+    """Why a symbolic link met inside a scanned folder is not read, or "" when it is: a link
+    to a file is read like the file (DVC's symlink cache type makes every file one); a broken
+    link and a link to a folder are problems (DVC does not version what a linked folder
+    holds, and folder links can loop), stated with where the link points."""
+    target = path_text(os.readlink(link))
+    if not link.exists():
+        return f"broken symbolic link (to {target}): nothing to read"
+    if link.is_dir():
+        return (f"symbolic link to a folder ({target}): not followed (DVC does not version "
+                "what a linked folder holds); move or copy its images into the class folder")
+    return ""
+
+
+def walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """Every file under `folder` at any depth, as every stage and `predict` scan folders:
+    returns (files, refused, hidden). `files`: regular files and links to files, sorted;
+    `refused`: (path, reason) of broken links and links to folders (`link_problem`), which are
+    not followed; `hidden`: how many hidden files and folders (`is_hidden`) were skipped."""
+    files: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+    hidden = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not descend into links
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if name.startswith(".") or (base / name).is_symlink():
+                dirnames.remove(name)
+                if name.startswith("."):
+                    hidden += 1
+                else:
+                    refused.append((base / name, link_problem(base / name)))
+        for name in filenames:
+            path = base / name
+            if name.startswith("."):
+                hidden += 1
+            elif path.is_symlink() and (reason := link_problem(path)):
+                refused.append((path, reason))
+            else:
+                files.append(path)
+    return sorted(files), sorted(refused), hidden
