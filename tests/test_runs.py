@@ -135,6 +135,32 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
         run.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_run_left_running_by_sigkill_is_continued_by_the_rerun(tmp_path, prepared):
+    """`kill -KILL` on a training process: nothing can close its run, which stayed RUNNING for
+    good while the rerun opened a second run of the same name. The rerun continues it (its
+    process is gone) and finishes it: one run for the stage."""
+    params = run_params(tmp_path, prepared)
+    tracking.setup(params)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    stage = f"train@{ARCH}-paper-7"
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", *cli_args(params, "train", 7)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    terminate_when(proc, lambda: [r for r in stage_runs(params, stage)
+                                  if r.info.status == "RUNNING"], "a RUNNING run",
+                   signum=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    [killed] = stage_runs(params, stage)
+    assert killed.info.status == "RUNNING"
+    # killed before its first epoch ended: no checkpoint names the run (on a fast machine the
+    # first one may already be written; the case that matters is the one without it)
+    for file in params.resolve(params.train.checkpoint_dir).glob(f"{ARCH}-paper-7/*"):
+        file.unlink()
+    assert cli.main(cli_args(params, "train", 7)) == 0
+    [run] = stage_runs(params, stage)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+
+
 # --- 10: several processes on a fresh store ---------------------------------------------------
 
 FIRST_USE = """

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import psutil
 import yaml
 from filelock import FileLock
 from mlflow.entities import RunStatus
@@ -192,12 +195,39 @@ def data_md5(root: Path) -> str:
     return str(outs[0].get("md5", "unknown"))
 
 
+#: run tag naming the process that has the run open: "<host>:<pid>:<process start time>"
+OWNER_TAG = "wbc.owner"
+
+
+def owner() -> str:
+    """This process as OWNER_TAG records it (the start time tells a reused pid apart)."""
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def owner_alive(tag: str | None) -> bool | None:
+    """Whether the process an OWNER_TAG names still runs: True or False for a process of this
+    machine; None when it is unknown (no tag, another host)."""
+    try:
+        host, pid, created = (tag or "").rsplit(":", 2)
+        if host != socket.gethostname():
+            return None
+        return abs(psutil.Process(int(pid)).create_time() - float(created)) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+    except (ValueError, psutil.Error):
+        return None
+
+
 @contextlib.contextmanager
 def run(params: Params, run_id: str | None = None, run_name: str | None = None,
         tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume) a run; any exception, Ctrl-C included, ends it as FAILED."""
+    """Start (or resume) a run; any exception, Ctrl-C included, ends it as FAILED. The run is
+    tagged with its owner process (OWNER_TAG), so that a rerun can tell a run left RUNNING by
+    a killed process (SIGKILL, power loss) from one another process still has open."""
     setup(params)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    mlflow.set_tag(OWNER_TAG, owner())
     try:
         yield active
     except BaseException:
@@ -208,18 +238,28 @@ def run(params: Params, run_id: str | None = None, run_name: str | None = None,
 
 
 def unfinished_run(params: Params, tags: dict[str, str]) -> str | None:
-    """The id of the latest FAILED or KILLED run of the project's experiment carrying all
-    `tags` (e.g. a stage killed before its first checkpoint), else None; its rerun continues
-    it instead of opening a second run. RUNNING runs are left alone: another process may own
-    them."""
+    """The id of the latest run of the project's experiment carrying all `tags` that did not
+    finish: FAILED or KILLED (e.g. a stage stopped before its first checkpoint), or RUNNING
+    while the process that opened it is gone (killed with SIGKILL: nothing could close it);
+    its rerun continues it instead of opening a second run. A RUNNING run whose owner lives, or
+    cannot be checked (another host, no owner tag), is left alone: that process may own it."""
     experiment_id = setup(params)
     condition = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     found = mlflow.search_runs(
-        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        experiment_ids=[experiment_id], output_format="list", max_results=20,
         filter_string=f"{condition} AND attributes.status != 'FINISHED' "
-                      f"AND attributes.status != 'RUNNING' AND attributes.status != 'SCHEDULED'",
+                      f"AND attributes.status != 'SCHEDULED'",
         order_by=["attributes.start_time DESC"])
-    return found[0].info.run_id if found else None
+    for candidate in found:
+        if candidate.info.status != "RUNNING":
+            return candidate.info.run_id
+        holder = candidate.data.tags.get(OWNER_TAG)
+        if owner_alive(holder) is False:
+            logging.getLogger(__name__).warning(
+                "MLflow run %s is RUNNING but its process (%s) is gone (killed): continuing it",
+                candidate.info.run_id, holder)
+            return candidate.info.run_id
+    return None
 
 
 def log_new_params(values: dict[str, str]) -> None:
