@@ -326,3 +326,30 @@ def test_files_skipped_for_their_suffix_are_counted_and_named(champion, images, 
     code, _, err = run_cli([str(folder / "notes.txt"), str(tmp_path / "none"), "--tracking-uri",
                             champion.tracking_uri], capsys)
     assert "skipped" not in err  # named files are tried, whatever their suffix
+
+
+def test_a_whole_smear_field_is_classified_with_a_note(champion, images, tmp_path, capsys):
+    """A photo far larger than a cell crop (here 1400 x 1050, a phone's field of view would be
+    6000 x 5000) went through predict and HTTP as if it were one cell, with no note."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    field = folder / "field.png"
+    Image.open(images[0]).convert("RGB").resize((1400, 1050)).save(field)
+    code, out, err = run_cli([str(folder), str(images[1]), "--tracking-uri",
+                              champion.tracking_uri], capsys)
+    assert code == 0, err
+    rows = {r["path"]: r for r in read_rows(out, "csv")}
+    note = rows[str(field)]["note"]
+    assert note.startswith("large image 1400x1050 px") and "smear field" in note
+    assert rows[str(field)]["predicted"] in CLASSES and rows[str(images[1])]["note"] == ""
+    # the pyfunc `mlflow models serve` runs, fed as over HTTP (base64 strings)
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    model = mlflow.pyfunc.load_model(MODEL_URI)
+    text = [base64.b64encode(f.read_bytes()).decode("ascii") for f in (field, images[1])]
+    served = model.predict(pd.DataFrame({"image": text}))
+    assert served["note"].tolist() == [note, ""]

@@ -133,6 +133,28 @@ def decode(data: bytes) -> tuple[torch.Tensor, str]:
     return decoded.pixels, decoded.note
 
 
+REFERENCE_SIZE = (320, 240)  # width, height of a Kaggle (BCCD) single-cell crop, px
+LARGE_FACTOR = 2  # larger than this times REFERENCE_SIZE on a side: noted as a likely smear field
+
+
+def large_image_note(width: int, height: int) -> str:
+    """The note for an image much larger than one cell crop (a side over LARGE_FACTOR times
+    the Kaggle crop's longer side), '' when it is not: most likely a whole smear field, which
+    every stage, `predict` and HTTP resize as a whole, so a single-cell classifier sees a
+    shrunken field. Sizes in px, upright (after the EXIF orientation)."""
+    max_w, max_h = (LARGE_FACTOR * s for s in REFERENCE_SIZE)
+    if max(width, height) > max(max_w, max_h):
+        return (f"large image {width}x{height} px (> {LARGE_FACTOR}x a {REFERENCE_SIZE[0]}x"
+                f"{REFERENCE_SIZE[1]} cell crop): likely a whole smear field, not one cell; "
+                f"resized as a whole to the model input")
+    return ""
+
+
+def joined(*notes: str) -> str:
+    """Notes of one image joined with '; ', empty ones left out."""
+    return "; ".join(n for n in notes if n)
+
+
 def is_hidden(rel: Path) -> bool:
     """Whether any part of a relative path starts with "." (.ipynb_checkpoints/, .DS_Store):
     such files are not data anywhere (validate, predict)."""

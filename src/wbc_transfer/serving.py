@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer.images import ImageError, decode
+from wbc_transfer.images import ImageError, decode, joined, large_image_note
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class Classifier:
         from torchvision.transforms.v2 import functional as TF
 
         image, note = decode(data)
+        note = joined(note, large_image_note(int(image.shape[-1]), int(image.shape[-2])))
         size = int(self.config["image_size"])
         # the same resize as the `prepare` stage (torchvision, bilinear, antialiased)
         return TF.resize(image, [size, size], antialias=True), note
