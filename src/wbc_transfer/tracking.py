@@ -199,10 +199,18 @@ def data_md5(root: Path) -> str:
 OWNER_TAG = "wbc.owner"
 
 
+def machine() -> str:
+    """This machine: its host name and, on Linux, its boot id (two containers of one name on
+    different machines differ in it; a reboot changes it, and no process survives one)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boot_id = boot.read_text().strip()[:8] if boot.is_file() else ""
+    return f"{socket.gethostname()}/{boot_id}" if boot_id else socket.gethostname()
+
+
 def owner() -> str:
     """This process as OWNER_TAG records it (the start time tells a reused pid apart)."""
     me = psutil.Process()
-    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+    return f"{machine()}:{me.pid}:{me.create_time():.3f}"
 
 
 def owner_alive(tag: str | None) -> bool | None:
@@ -210,7 +218,7 @@ def owner_alive(tag: str | None) -> bool | None:
     machine; None when it is unknown (no tag, another host)."""
     try:
         host, pid, created = (tag or "").rsplit(":", 2)
-        if host != socket.gethostname():
+        if host != machine():
             return None
         return abs(psutil.Process(int(pid)).create_time() - float(created)) < 0.01
     except psutil.NoSuchProcess:
