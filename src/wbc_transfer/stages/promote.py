@@ -138,14 +138,16 @@ def champion_score(params: Params, champion, digest: str | None,
 
 
 def promotion_lock(params: Params) -> FileLock:
-    """One promotion at a time: a lock beside a SQLite store (`<db>.promote.lock`), else in the
-    repository's DVC temp folder (queued experiments of one repository share it). Promotions
-    from other machines against one tracking server are not serialised by it."""
+    """One promotion at a time per registry: a lock beside a SQLite store (`<db>.promote.lock`),
+    else one per tracking server URI in the machine's temp folder (queued experiments of this
+    machine share it). Promotions from other machines against one server are not serialised
+    by it."""
     uri = tracking.tracking_uri(params)
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         file = Path(f"{uri.removeprefix('sqlite:///').split('?', 1)[0]}.promote.lock")
     else:
-        file = tracking.home_root(params.root) / ".dvc" / "tmp" / "promote.lock"
+        key = hashlib.md5(uri.encode()).hexdigest()[:12]
+        file = Path(tempfile.gettempdir()) / f"wbc-transfer-promote-{key}.lock"
     file.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(file), timeout=LOCK_TIMEOUT_S)
 
