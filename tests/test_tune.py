@@ -290,7 +290,7 @@ def test_sigkill_mid_trial_then_rerun_fails_that_trial_and_runs_the_study_to_its
     assert trials[1].state == TrialState.FAIL
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(finished) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
-    [retry] = [t for t in finished if t.user_attrs.get("retry_of") == 1]
+    [retry] = [t for t in finished if t.system_attrs.get("failed_trial") == 1]
     assert retry.params == trials[1].params  # redone with the same settings
     assert client.get_run(running[0].info.run_id).info.status == "FAILED"
 

@@ -72,6 +72,7 @@ OWNER_ATTR = "owner"  # trial user attr: the process running it (tracking.owner(
 HEARTBEAT_S = 30  # default tune.heartbeat_s
 OBJECTIVE = "val_f1_macro"
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+MAX_RETRY = 2  # a failed trial (dead worker) is enqueued again at most this often
 MAX_ROUNDS = 3  # search: rounds of (run the remaining trials, wait for other workers)
 
 
@@ -119,7 +120,7 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
             grace_period=4 * heartbeat_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=2))
+                max_retry=MAX_RETRY))
 
 
 def public_url(url: str) -> str:
@@ -413,8 +414,8 @@ def open_study(ctx: Context, worker: bool = False, wait_s: float = 60.0) -> Sess
 
 def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     """Fail now the RUNNING trials whose process is gone (killed on this machine, e.g. with
-    SIGKILL: nothing could end them), and enqueue each again with the same params and
-    baseline flag, as Optuna's RetryHeartbeatStaleTrialCallback does after the heartbeat grace
+    SIGKILL: nothing could end them), and enqueue each again with the same params and user
+    attrs (baseline flag), as Optuna's RetryHeartbeatStaleTrialCallback does after the heartbeat grace
     period (4 x tune.heartbeat_s; a trial of another machine still waits for that). Returns
     the failed trials' numbers. Uses the storage and trial id as optuna.storages.
     fail_stale_trials does (no public API sets another process's trial state)."""
@@ -427,8 +428,8 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
                 continue
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # it finished meanwhile
-        keep = {k: v for k, v in trial.user_attrs.items() if k == "baseline"}
-        study.enqueue_trial(trial.params, user_attrs={**keep, "retry_of": trial.number})
+        # enqueued again exactly as the heartbeat path does it (system attr failed_trial)
+        optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, trial)
         log.warning("trial %d was RUNNING but its process (%s) is gone: failed, and enqueued "
                     "again with the same params", trial.number, trial.user_attrs.get(OWNER_ATTR))
         failed.append(trial.number)
