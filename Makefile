@@ -3,13 +3,13 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro paper best test lint bench tune ui app
+.PHONY: setup repro paper best test lint bench tune ui app server queue
 
 setup:  ## create .venv and install the package with its dev tools
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	test -x "$(VENV)/bin/python" || "$(PYTHON)" -m venv "$(VENV)"
+	"$(VENV)/bin/pip" install --quiet --upgrade pip
+	"$(VENV)/bin/pip" install --quiet torch==2.14.1 torchvision==0.29.1
+	"$(VENV)/bin/pip" install --quiet -e ".[dev]"
 
 repro:  ## the quick run: every stage, offline, EfficientNet-Lite0 (minutes on 2 CPU cores)
 	dvc repro
@@ -46,11 +46,10 @@ test:  ## the test suite
 lint:
 	ruff check src tests bench
 
+UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
-ui:  ## browse runs, curves, confusion matrices and the registry (port: UI_PORT)
-	@python -c "from wbc_transfer import tracking; from wbc_transfer.config import load_params; \
-	print('training runs:', tracking.ui_url(load_params(), 'http://127.0.0.1:$(UI_PORT)'))"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(UI_PORT) --workers 1  # one local user: the default 4 workers each import MLflow at start
+ui:  ## browse runs, curves, confusion matrices and the registry (exit 1 if UI_PORT is taken)
+	wbc-transfer ui --host "$(UI_HOST)" --port "$(UI_PORT)"
 
 APP_ARGS ?=
 app:  ## the page for lab staff at http://127.0.0.1:8765/ (docs/app.md; APP_ARGS="--port 9000 ...")
@@ -63,10 +62,11 @@ MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
-.PHONY: server queue
 server:  ## the group's MLflow tracking server (bound to 127.0.0.1 unless MLFLOW_HOST says otherwise)
-	mlflow server --backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts \
-		--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+	python -c "import sys; from wbc_transfer.tracking import require_free_port as free; \
+	free(sys.argv[1], int(sys.argv[2]), 'MLFLOW_PORT')" "$(MLFLOW_HOST)" "$(MLFLOW_PORT)"
+	mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
+		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host "$(MLFLOW_HOST)" --port "$(MLFLOW_PORT)"
 
 JOBS ?= 2
 queue:  ## run the queued experiments (`dvc exp run --queue --allow-missing ...`), JOBS at a time

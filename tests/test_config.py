@@ -126,3 +126,38 @@ def test_unknown_architectures_are_refused_before_any_stage(tmp_path):
         load_params(write_params(tmp_path, "unused", **{"train.architectures": ["resnet5"]}))
     with pytest.raises(ConfigError, match=r"train\.overrides: unknown architecture\(s\) \['vgg17'\]"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg17": {"epochs": 1}}}))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"prepare.image_size": 48}, r"prepare\.image_size=48 is too small for alexnet: its input "
+                                 r"must be at least 63 px \(allowed: 63 and up"),
+    ({"prepare.image_size": 62, "train.architectures": ["vgg16", "alexnet"]},
+     r"prepare\.image_size=62 is too small for alexnet"),
+    ({"train.input_size": 40, "train.architectures": ["alexnet"]},
+     r"train\.input_size=40 is too small for alexnet"),
+    ({"train.overrides": {"alexnet": {"input_size": 32}}},
+     r"train\.overrides\.alexnet\.input_size=32 is too small for alexnet"),
+    ({"prepare.image_size": 16, "train.architectures": ["efficientnet_lite0"],
+      "tune.architectures": ["vgg16"]}, r"prepare\.image_size=16 is too small for vgg16: .* 32 px"),
+])
+def test_an_input_too_small_for_an_architecture_is_refused_naming_the_parameter(
+        tmp_path, overrides, message):
+    """AlexNet's last pooling has nothing to pool below 63 px: at 32-62 px the parameter check
+    passed and training crashed in the first forward pass."""
+    with pytest.raises(ConfigError, match=message):
+        load_params(write_params(tmp_path, "unused", **overrides))
+
+
+def test_every_minimum_in_the_registry_is_the_true_one():
+    """A forward pass works at each architecture's `min_input_size` and fails 1 px below."""
+    import torch
+
+    from wbc_transfer import models
+
+    for name, arch in models.REGISTRY.items():
+        built = models.build(name, 4, "none", arch.min_input_size).model.eval()
+        with torch.no_grad():
+            built(torch.rand(1, 3, arch.min_input_size, arch.min_input_size))
+            if arch.min_input_size > 8:
+                with pytest.raises(RuntimeError):
+                    built(torch.rand(1, 3, arch.min_input_size - 1, arch.min_input_size - 1))

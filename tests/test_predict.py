@@ -216,12 +216,58 @@ def test_missing_alias_or_store_is_one_clear_message(champion, images, tmp_path,
     code, out, err = run_cli([str(images[0]), "--tracking-uri", champion.tracking_uri,
                               "--model", "models:/wbc-classifier@nope"], capsys)
     assert code == 2 and out == ""
-    assert "cannot load models:/wbc-classifier@nope" in err and "wbc-transfer promote" in err
+    assert "cannot load models:/wbc-classifier@nope" in err and "make repro" in err
     assert "Traceback" not in err
     missing_db = f"sqlite:///{tmp_path / 'absent.db'}"
     code, _, err = run_cli([str(images[0]), "--tracking-uri", missing_db], capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_fresh_clone_names_the_command_that_makes_a_champion(images, tmp_path, capsys,
+                                                             monkeypatch):
+    """A clone before any run: params.yaml, no mlflow.db. The message names `make repro` /
+    `dvc repro`, and nothing is created."""
+    import shutil
+
+    from conftest import REPO_ROOT
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copyfile(REPO_ROOT / "params.yaml", clone / "params.yaml")
+    monkeypatch.chdir(clone)
+    code, out, err = run_cli([str(images[0])], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "no champion yet" in err and "make repro" in err and "dvc repro" in err, err
+    assert sorted(p.name for p in clone.iterdir()) == ["params.yaml"]
+
+
+def test_a_local_model_folder_needs_no_tracking_store(champion, images, tmp_path, capsys,
+                                                     monkeypatch):
+    """`--model <folder>` (a downloaded champion) classifies in a clone with no mlflow.db and
+    leaves none behind (MLflow would look the folder's logged-model id up in the store)."""
+    import shutil
+
+    import mlflow
+
+    from conftest import REPO_ROOT
+
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=MODEL_URI,
+                                                 dst_path=str(tmp_path / "model"))
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copyfile(REPO_ROOT / "params.yaml", clone / "params.yaml")
+    monkeypatch.chdir(clone)
+    code, out, err = run_cli([str(images[0]), "--model", folder], capsys)
+    assert code == 0, err
+    rows = read_rows(out, "csv")
+    assert len(rows) == 1 and rows[0]["predicted"] in CLASSES and rows[0]["error"] == ""
+    assert sorted(p.name for p in clone.iterdir()) == ["params.yaml"]
+    code, _, err = run_cli([str(images[0]), "--model", str(tmp_path)], capsys)
+    assert code == 2 and "no MLmodel file" in err
 
 
 def test_registration_is_idempotent_per_run(champion):
@@ -261,3 +307,49 @@ def test_the_pyfunc_decodes_base64_row_by_row(champion, images):
     assert "string input is not valid base64" in out["error"][1] and out["predicted"][1] is None
     for c in PROB_COLUMNS:
         assert out[c][0::2].tolist() == pytest.approx(expected[c].tolist(), abs=1e-6)
+
+
+def test_files_skipped_for_their_suffix_are_counted_and_named(champion, images, tmp_path, capsys):
+    """A phone's `.heic` and a `.txt` in a folder: skipped (not an image suffix), and the
+    summary says how many and which (it counted only what it classified)."""
+    import shutil
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    shutil.copyfile(images[0], folder / images[0].name)
+    (folder / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "notes.txt").write_text("cells of Monday\n")
+    code, out, err = run_cli([str(folder), "--tracking-uri", champion.tracking_uri], capsys)
+    assert code == 0 and len(read_rows(out, "csv")) == 1
+    assert (f"1 classified, 0 failed, 2 skipped (not an image file suffix: "
+            f"{folder / 'IMG_0001.heic'}, {folder / 'notes.txt'})") in err
+    code, _, err = run_cli([str(folder / "notes.txt"), str(tmp_path / "none"), "--tracking-uri",
+                            champion.tracking_uri], capsys)
+    assert "skipped" not in err  # named files are tried, whatever their suffix
+
+
+def test_a_whole_smear_field_is_classified_with_a_note(champion, images, tmp_path, capsys):
+    """A photo far larger than a cell crop (here 1400 x 1050, a phone's field of view would be
+    6000 x 5000) went through predict and HTTP as if it were one cell, with no note."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    field = folder / "field.png"
+    Image.open(images[0]).convert("RGB").resize((1400, 1050)).save(field)
+    code, out, err = run_cli([str(folder), str(images[1]), "--tracking-uri",
+                              champion.tracking_uri], capsys)
+    assert code == 0, err
+    rows = {r["path"]: r for r in read_rows(out, "csv")}
+    note = rows[str(field)]["note"]
+    assert note.startswith("large image 1400x1050 px") and "smear field" in note
+    assert rows[str(field)]["predicted"] in CLASSES and rows[str(images[1])]["note"] == ""
+    # the pyfunc `mlflow models serve` runs, fed as over HTTP (base64 strings)
+    mlflow.set_tracking_uri(champion.tracking_uri)
+    model = mlflow.pyfunc.load_model(MODEL_URI)
+    text = [base64.b64encode(f.read_bytes()).decode("ascii") for f in (field, images[1])]
+    served = model.predict(pd.DataFrame({"image": text}))
+    assert served["note"].tolist() == [note, ""]

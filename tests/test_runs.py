@@ -135,6 +135,32 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
         run.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_run_left_running_by_sigkill_is_continued_by_the_rerun(tmp_path, prepared):
+    """`kill -KILL` on a training process: nothing can close its run, which stayed RUNNING for
+    good while the rerun opened a second run of the same name. The rerun continues it (its
+    process is gone) and finishes it: one run for the stage."""
+    params = run_params(tmp_path, prepared)
+    tracking.setup(params)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    stage = f"train@{ARCH}-paper-7"
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", *cli_args(params, "train", 7)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    terminate_when(proc, lambda: [r for r in stage_runs(params, stage)
+                                  if r.info.status == "RUNNING"], "a RUNNING run",
+                   signum=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    [killed] = stage_runs(params, stage)
+    assert killed.info.status == "RUNNING"
+    # killed before its first epoch ended: no checkpoint names the run (on a fast machine the
+    # first one may already be written; the case that matters is the one without it)
+    for file in params.resolve(params.train.checkpoint_dir).glob(f"{ARCH}-paper-7/*"):
+        file.unlink()
+    assert cli.main(cli_args(params, "train", 7)) == 0
+    [run] = stage_runs(params, stage)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+
+
 # --- 10: several processes on a fresh store ---------------------------------------------------
 
 FIRST_USE = """
@@ -176,12 +202,61 @@ def test_four_processes_open_a_fresh_store_at_once(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+BUSY_WRITER = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from wbc_transfer import tracking
+from wbc_transfer.config import load_params
+params = load_params(sys.argv[1])
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():  # the store is locked from now on
+    time.sleep(0.05)
+tracking.setup(params)
+MlflowClient(tracking.tracking_uri(params)).log_metric(sys.argv[3], "busy", 1.0)
+"""
+
+
+@pytest.mark.slow
+def test_writers_wait_for_a_busy_sqlite_store(tmp_path):
+    """Another process holds the SQLite write lock for 15 s (a long commit, a UI query, a
+    backup); two processes that open the store meanwhile and log a metric wait for it. Without
+    a busy timeout on the store's URI they died with "database is locked" after ~10 s."""
+    import sqlite3
+
+    params = load_params(write_params(tmp_path, "unused", **{
+        "base.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
+    tracking.setup(params)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment)
+    runs = [client.create_run(experiment.experiment_id).info.run_id for _ in range(2)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    writers = [subprocess.Popen([sys.executable, "-c", BUSY_WRITER, str(tmp_path / "params.yaml"),
+                                 str(tmp_path), run_id], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for run_id in runs]
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blocker = sqlite3.connect(tmp_path / "mlflow.db", timeout=0, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    (tmp_path / "go").touch()
+    time.sleep(15)
+    blocker.execute("COMMIT")
+    blocker.close()
+    outputs = [w.communicate(timeout=180)[0] for w in writers]
+    failed = [out[-800:] for w, out in zip(writers, outputs, strict=True) if w.returncode]
+    assert not failed, failed
+    assert [client.get_run(r).data.metrics["busy"] for r in runs] == [1.0, 1.0]
+
+
 # --- 12: reruns give the same bytes ---------------------------------------------------------
 
 def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
     """torch.save into the temporary file recorded its random name in the archive: every
     `prepare` wrote other bytes, and dvc.lock changed on a rerun of the same commit."""
-    params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32}))
+    params = load_params(write_params(tmp_path, mini_dataset, **{"prepare.image_size": 32,
+                                                             "train.architectures": [ARCH]}))
     images = params.images_dir
     for protocol, folder in (("paper", "TRAIN"), ("paper_grouped", "TRAIN"), ("heldout", "TEST")):
         rows = [(f"{folder}/{c}/{f.name}", c, "train" if i % 3 else "test")
@@ -192,7 +267,8 @@ def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
     outputs = []
     for name in ("first", "second"):
         rerun = load_params(write_params(tmp_path, mini_dataset, **{
-            "prepare.image_size": 32, "prepare.out_dir": f"prepared-{name}"}))
+            "prepare.image_size": 32, "prepare.out_dir": f"prepared-{name}",
+            "train.architectures": [ARCH]}))
         prepare.main(rerun)
         outputs.append({p: (rerun.resolve(rerun.prepare.out_dir) / f"{p}.pt").read_bytes()
                         for p in prepare.PROTOCOLS})

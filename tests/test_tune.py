@@ -4,6 +4,7 @@ for real on a few dozen real mirror images at 32 px, 1-2 epochs per trial."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -255,6 +256,43 @@ def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     session = tuning.open_study(tuning.load_context(params, ARCH))
     assert [t.state for t in session.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert session.parent_run_id == parent.info.run_id  # a rerun continues the same study
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_rerun_fails_that_trial_and_runs_the_study_to_its_count(
+        tmp_path, tiny, caplog):
+    """`kill -KILL` on the tune stage during trial 1, rerun at once: the killed trial stayed
+    RUNNING (its heartbeat was still fresh), the rerun waited ~50 s for "other workers" and
+    exited 0 with 2 of 3 trials. Now the trial whose process is gone is failed at once and
+    redone with the same params; the study ends with tune.trials finished trials."""
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 2})
+    tracking.setup(params)
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
+                                                              "OPTUNA_STORAGE"}}
+    args = ["--params", str(tmp_path / "params.yaml"), "tune", "--arch", ARCH]
+    proc = subprocess.Popen([sys.executable, "-m", "wbc_transfer.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(tracking.tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.base.experiment).experiment_id
+    started_ms = int(time.time() * 1000)
+    running, output = terminate_when(proc, lambda: client.search_runs(
+        [experiment], f"tags.trial_number = '1' AND attributes.status = 'RUNNING' "
+                      f"AND attributes.start_time >= {started_ms}"), "trial 1 running",
+        signum=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, output
+    with caplog.at_level(logging.INFO, logger="wbc_transfer"):
+        assert cli.main(args) == 0
+    assert "waiting for" not in caplog.text  # no trial of a live worker to wait for
+    ctx = tuning.load_context(params, ARCH)
+    study = optuna.load_study(study_name=ctx.study_name,
+                              storage=tuning.open_storage(tuning.storage_url(params)))
+    trials = study.get_trials()
+    assert trials[1].state == TrialState.FAIL
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    [retry] = [t for t in finished if t.system_attrs.get("failed_trial") == 1]
+    assert retry.params == trials[1].params  # redone with the same settings
+    assert client.get_run(running[0].info.run_id).info.status == "FAILED"
 
 
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, tiny):

@@ -195,3 +195,20 @@ def test_validate_names_missing_train_or_test(tmp_path, make_params):
     params = make_params(tmp_path / "blood-cells")
     with pytest.raises(validate_stage.DataValidationError, match="TEST not found"):
         validate_stage.main(params)
+
+
+def test_a_whole_smear_field_in_the_training_data_is_noted(tmp_path, kaggle_copy, make_params):
+    """A field photo among the cell crops trains as if it were one cell: the index and the
+    report say so, as they do for an external set (one definition: images.large_image_note)."""
+    from PIL import Image
+
+    root = kaggle_copy(tmp_path / "blood-cells", train_per_class=3, test_per_class=1)
+    folder = root / "dataset2-master/dataset2-master/images/TRAIN/MONOCYTE"
+    Image.open(sorted(folder.iterdir())[0]).resize((1400, 1050)).save(folder / "field.jpeg")
+    params = make_params(root)
+    report = validate_stage.main(params)
+    index = pd.read_csv(params.resolve(params.validate.index), keep_default_na=False)
+    noted = index[index["note"] != ""]
+    assert list(noted["path"]) == ["TRAIN/MONOCYTE/field.jpeg"]
+    assert noted["note"].iloc[0].startswith("large image 1400x1050 px")
+    assert report["large_images"] == 1 and report["conversions"] == {}

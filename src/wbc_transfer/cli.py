@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--arch", action="append", metavar="NAME",
                        help="architecture (repeatable; default: train.architectures of params.yaml "
                        "and the paper's four networks)")
+    ui = sub.add_parser("ui", help="the MLflow UI on the project's store (`make ui`); fails if "
+                        "the port is taken")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
     from wbc_transfer.predict import add_arguments as predict_arguments
@@ -138,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             archs = args.arch or [*load_params(args.params).train.architectures, *PAPER_NETWORKS]
             return weights_cache.main(archs, check_only=args.check)
         params = load_params(args.params)
+        if args.command == "ui":
+            from wbc_transfer import tracking
+
+            return tracking.ui(params, args.host, args.port)
         stage = COMMAND_MODULES.get(args.command, args.command)
         module = importlib.import_module(f"wbc_transfer.stages.{stage}")
         if args.command in {"train", "evaluate"}:

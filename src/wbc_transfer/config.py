@@ -397,6 +397,33 @@ def train_params_for(params: Params, arch: str) -> TrainParams:
     return replace(params.train, **values)
 
 
+def check_input_sizes(params: Params, registry: dict[str, Any]) -> list[str]:
+    """Each trained or tuned architecture's input side (`train.overrides.<arch>.input_size`,
+    else `train.input_size`, else `prepare.image_size`) against its registry minimum
+    (`models.Architecture.min_input_size`): AlexNet at 32-62 px used to crash at train time."""
+    problems = []
+    for arch in dict.fromkeys((*params.train.architectures, *params.tune.architectures)):
+        if arch not in registry:
+            continue  # reported as unknown
+        try:
+            sized = train_params_for(params, arch).input_size
+        except ConfigError:
+            continue  # reported with the overrides
+        least = registry[arch].min_input_size
+        over = (params.train.overrides or {}).get(arch) or {}
+        if over.get("input_size") is not None:
+            name, value = f"train.overrides.{arch}.input_size", int(sized)
+        elif sized is not None:
+            name, value = "train.input_size", int(sized)
+        else:
+            name, value = "prepare.image_size", params.prepare.image_size
+        if value < least:
+            problems.append(f"{name}={value} is too small for {arch}: its input must be at least "
+                            f"{least} px (allowed: {least} and up; a smaller image leaves a pooling "
+                            f"layer with nothing to pool)")
+    return problems
+
+
 def check(params: Params) -> None:
     """Range checks that would otherwise fail deep inside a stage."""
     problems: list[str] = []
@@ -457,6 +484,7 @@ def check(params: Params) -> None:
             problems.append(f"train.overrides.{arch}.input_size must be >= 32 px, got {sized}")
     if t.input_size is not None and t.input_size < 32:
         problems.append(f"train.input_size must be >= 32 px or null, got {t.input_size}")
+    problems.extend(check_input_sizes(params, REGISTRY))
     problems.extend(check_robustness(t))
     problems.extend(check_view(params.prepare))
     if t.keep not in {"best", "last"}:

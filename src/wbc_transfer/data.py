@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from wbc_transfer.cells import model_view
 from wbc_transfer.config import CELL_FRACTION
-from wbc_transfer.images import decode_file
+from wbc_transfer.images import decode_file, joined
 from wbc_transfer.io import join_notes, text_path, write_torch
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def decode_resized(file: Path, size: int, view: str = "full",
     Raises ImageError "<file>: <reason>" naming the file."""
     decoded = decode_file(file)
     pixels, note, _ = model_view(decoded.pixels, size, view, fraction)
-    return pixels, join_notes(decoded.note, note)
+    return pixels, joined(decoded.note, note)
 
 
 def build_image_set(

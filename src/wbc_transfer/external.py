@@ -10,7 +10,7 @@ project's one decoder, the same problems, the same strict/lenient `validate.poli
 Cells: each image of an external set is its own cell (group = its path) unless the manifest
 has a `group` column; intervals then resample images as independent cells.
 
-An image larger than LARGE_FACTOR times the Kaggle crop (320 x 240) on a side is most likely a
+An image larger than images.LARGE_FACTOR times the Kaggle crop (320 x 240) on a side is most likely a
 whole smear field, not a single-cell crop: it is kept, and its index row and the report say so
 (it is resized to the model's input like every image; a classifier of single cells then sees
 a shrunken field).
@@ -25,23 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from wbc_transfer.images import IMAGE_SUFFIXES
+from wbc_transfer.images import IMAGE_SUFFIXES, joined, large_image_note
 from wbc_transfer.io import path_text, text_path
 from wbc_transfer.validation import ImageRecord, inspect_image, scan
 
-REFERENCE_SIZE = (320, 240)  # width, height of a Kaggle (BCCD) single-cell crop, px
-LARGE_FACTOR = 2  # larger than this times REFERENCE_SIZE on a side: noted as a likely smear field
 RESERVED = ("validation", "paper_test", "TEST", "TEST_SIMPLE")  # evaluate's own set names
-
-
-def large_image_note(width: int, height: int) -> str:
-    """The note for an image much larger than one cell crop, '' when it is not."""
-    max_w, max_h = (LARGE_FACTOR * s for s in REFERENCE_SIZE)
-    if max(width, height) > max(max_w, max_h):
-        return (f"large image {width}x{height} px (> {LARGE_FACTOR}x a {REFERENCE_SIZE[0]}x"
-                f"{REFERENCE_SIZE[1]} cell crop): likely a whole smear field, not one cell; "
-                f"resized as a whole to the model input")
-    return ""
 
 
 def scan_folder(root: Path, classes: Sequence[str]) -> tuple[list[ImageRecord], list[dict[str, str]]]:
@@ -103,7 +91,7 @@ def index_set(name: str, root: Path, manifest: Path | None,
         if r.problem:
             problems.append({"path": r.path, "problem": r.problem})
             continue
-        note = "; ".join(n for n in (r.note, large_image_note(r.width, r.height)) if n)
+        note = joined(r.note, large_image_note(r.width, r.height))
         rows.append({"path": r.path, "label": r.label, "group": groups.get(r.path, f"{name}:{r.path}"),
                      "width": r.width, "height": r.height, "note": note, "split": name})
     index = pd.DataFrame(rows, columns=["path", "label", "group", "width", "height", "note", "split"])

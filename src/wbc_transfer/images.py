@@ -133,6 +133,31 @@ def decode(data: bytes) -> tuple[torch.Tensor, str]:
     return decoded.pixels, decoded.note
 
 
+REFERENCE_SIZE = (320, 240)  # width, height of a Kaggle (BCCD) single-cell crop, px
+LARGE_FACTOR = 2  # larger than this times REFERENCE_SIZE on a side: noted as a likely smear field
+
+
+def large_image_note(width: int, height: int) -> str:
+    """The note for an image much larger than one cell crop (a side over LARGE_FACTOR times
+    the Kaggle crop's longer side), '' when it is not: most likely a whole smear field, which
+    every stage, `predict` and HTTP resize as a whole, so a single-cell classifier sees a
+    shrunken field. Sizes in px, upright (after the EXIF orientation)."""
+    max_w, max_h = (LARGE_FACTOR * s for s in REFERENCE_SIZE)
+    if max(width, height) > max(max_w, max_h):
+        return (f"large image {width}x{height} px (> {LARGE_FACTOR}x a {REFERENCE_SIZE[0]}x"
+                f"{REFERENCE_SIZE[1]} cell crop): likely a whole smear field, not one cell")
+    return ""
+
+
+def joined(*notes: str) -> str:
+    """Notes of one image ("; "-separated phrases) joined with '; ', each phrase once, in order,
+    empty ones left out."""
+    phrases: list[str] = []
+    for note in notes:
+        phrases += [n for n in (note or "").split("; ") if n and n not in phrases]
+    return "; ".join(phrases)
+
+
 def is_hidden(rel: Path) -> bool:
     """Whether any part of a relative path starts with "." (.ipynb_checkpoints/, .DS_Store):
     such files are not data anywhere (validate, predict)."""
@@ -202,3 +227,45 @@ def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str]:
         return np.array(image.convert("RGB"), dtype=np.uint8), note
     except Exception as exc:
         raise ImageError(f"cannot convert mode {mode} to RGB: {exc}") from None
+
+
+def link_problem(link: Path) -> str:
+    """Why a symbolic link met inside a scanned folder is not read, or "" when it is: a link
+    to a file is read like the file (DVC's symlink cache type makes every file one); a broken
+    link and a link to a folder are problems (DVC does not version what a linked folder
+    holds, and folder links can loop), stated with where the link points."""
+    target = path_text(os.readlink(link))
+    if not link.exists():
+        return f"broken symbolic link (to {target}): nothing to read"
+    if link.is_dir():
+        return (f"symbolic link to a folder ({target}): not followed (DVC does not version "
+                "what a linked folder holds); move or copy its images into the class folder")
+    return ""
+
+
+def walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """Every file under `folder` at any depth, as every stage and `predict` scan folders:
+    returns (files, refused, hidden). `files`: regular files and links to files, sorted;
+    `refused`: (path, reason) of broken links and links to folders (`link_problem`), which are
+    not followed; `hidden`: how many hidden files and folders (`is_hidden`) were skipped."""
+    files: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+    hidden = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not descend into links
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if name.startswith(".") or (base / name).is_symlink():
+                dirnames.remove(name)
+                if name.startswith("."):
+                    hidden += 1
+                else:
+                    refused.append((base / name, link_problem(base / name)))
+        for name in filenames:
+            path = base / name
+            if name.startswith("."):
+                hidden += 1
+            elif path.is_symlink() and (reason := link_problem(path)):
+                refused.append((path, reason))
+            else:
+                files.append(path)
+    return sorted(files), sorted(refused), hidden

@@ -85,10 +85,3 @@ def write_csv(path: Path, frame: pd.DataFrame) -> Path:
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
-
-def join_notes(*notes: str) -> str:
-    """Per-image notes ("; "-separated phrases) joined, each phrase once, in order."""
-    phrases: list[str] = []
-    for note in notes:
-        phrases += [n for n in (note or "").split("; ") if n and n not in phrases]
-    return "; ".join(phrases)

@@ -77,6 +77,10 @@ class Architecture:
     std: tuple[float, float, float] = IMAGENET_STD
     # the layer Grad-CAM explains (attribute path): the last convolutional feature map
     cam_layer: str = ""
+    # the smallest input side (px) a forward pass accepts: below it a pooling layer's output
+    # would be empty (measured: AlexNet 63, GoogLeNet 15, VGG-16 32, ResNet-50 and
+    # EfficientNet-Lite 8); params are checked against it (config.check)
+    min_input_size: int = 8
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -347,9 +351,11 @@ def is_pretrained(weights_source: str) -> bool:
 
 def _torchvision(name: str, make: Callable[[bool, int], nn.Module], head_path: str,
                  weights: tv.WeightsEnum, cam: str,
-                 loader: Callable[[nn.Module], str] | None = None) -> Architecture:
+                 loader: Callable[[nn.Module], str] | None = None,
+                 min_input_size: int = 8) -> Architecture:
     return Architecture(name, make, head_path, loader or _torchvision_loader(weights),
-                        _torchvision_file(weights), weights.url, cam_layer=cam)
+                        _torchvision_file(weights), weights.url, cam_layer=cam,
+                        min_input_size=min_input_size)
 
 
 def _lite(variant: int) -> Architecture:
@@ -365,12 +371,12 @@ def _lite(variant: int) -> Architecture:
 # their in-place ReLU hands the hook its finished output), ResNet-50's layer4, GoogLeNet's
 # inception5b: the last feature map before global pooling in each.
 register(_torchvision("alexnet", lambda p, s: tv.alexnet(weights=None), "classifier.6",
-                      tv.AlexNet_Weights.IMAGENET1K_V1, "features.11"))
+                      tv.AlexNet_Weights.IMAGENET1K_V1, "features.11", min_input_size=63))
 register(_torchvision("googlenet", _googlenet, "fc", tv.GoogLeNet_Weights.IMAGENET1K_V1,
-                      "inception5b", _googlenet_loader))
+                      "inception5b", _googlenet_loader, min_input_size=15))
 register(_torchvision("resnet50", lambda p, s: tv.resnet50(weights=None), "fc",
                       tv.ResNet50_Weights.IMAGENET1K_V1, "layer4"))
 register(_torchvision("vgg16", lambda p, s: tv.vgg16(weights=None), "classifier.6",
-                      tv.VGG16_Weights.IMAGENET1K_V1, "features.29"))
+                      tv.VGG16_Weights.IMAGENET1K_V1, "features.29", min_input_size=32))
 for _variant in EFFICIENTNET_LITE:
     register(_lite(_variant))

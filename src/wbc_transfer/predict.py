@@ -61,19 +61,24 @@ class Item:
 # inputs
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    from wbc_transfer.images import IMAGE_SUFFIXES, is_hidden
+def _folder_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], list[Path]]:
+    """(image files, refused links with their reason, files skipped by suffix) under `folder`,
+    scanned as every stage scans (`images.walk`: hidden files skipped, links to files read,
+    broken links and links to folders refused)."""
+    from wbc_transfer.images import IMAGE_SUFFIXES, walk
 
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not is_hidden(p.relative_to(folder)))
+    files, refused, _ = walk(folder)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, refused, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
-def collect(paths: Sequence[str]) -> list[Item]:
+def collect(paths: Sequence[str], skipped: list[str] | None = None) -> list[Item]:
     """Expand files, folders (recursive; image suffixes only) and globs, in the order given.
 
-    Files named explicitly are always tried, whatever their suffix; a path that does not exist
-    or a glob that matches nothing becomes an error row."""
+    Files named explicitly are always tried, whatever their suffix; a path that does not exist,
+    a glob that matches nothing, a broken symbolic link or a link to a folder met inside a
+    folder becomes an error row. Files inside folders skipped for their suffix (`.heic`,
+    `.txt`) are appended to `skipped` (their paths, as text) when a list is given."""
     from wbc_transfer.io import path_text
 
     items: list[Item] = []
@@ -85,11 +90,21 @@ def collect(paths: Sequence[str]) -> list[Item]:
             seen.add(key)
             items.append(Item(path_text(shown), file))
 
+    def add_folder(folder: Path) -> None:
+        images, refused, other = _folder_files(folder)
+        merged = sorted([(f, "") for f in images] + refused)
+        for file, reason in merged:
+            if reason:
+                items.append(Item(path_text(str(file)), None, reason))
+            else:
+                add(file, str(file))
+        if skipped is not None:
+            skipped.extend(path_text(str(f)) for f in other)
+
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            for file in _folder_files(path):
-                add(file, str(file))
+            add_folder(path)
         elif path.exists():
             add(path, raw)
         elif GLOB_CHARS & set(raw):
@@ -99,13 +114,24 @@ def collect(paths: Sequence[str]) -> list[Item]:
             for match in matches:
                 m = Path(match)
                 if m.is_dir():
-                    for file in _folder_files(m):
-                        add(file, str(file))
+                    add_folder(m)
                 else:
                     add(m, match)
+        elif path.is_symlink():
+            items.append(Item(path_text(raw), None, f"broken symbolic link (to "
+                                                    f"{path_text(os.readlink(path))})"))
         else:
             items.append(Item(path_text(raw), None, "file not found"))
     return items
+
+
+def skipped_note(skipped: Sequence[str], shown: int = 5) -> str:
+    """', N skipped (not an image file suffix: a.heic, b.txt, ...)' for the summary, or ''."""
+    if not skipped:
+        return ""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more"
+                                          if len(skipped) > shown else "")
+    return f", {len(skipped)} skipped (not an image file suffix: {names})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,37 +153,66 @@ def resolve_tracking_uri(explicit: str | None, params_file: str | None) -> str |
         return None
 
 
+MAKE_CHAMPION = ("make one with `make repro` (= `dvc repro`: trains, evaluates and promotes "
+                 "the champion; `dvc repro promote` once runs are evaluated)")
+
+
+def is_local_model(uri: str) -> bool:
+    """Whether `uri` names a model folder on disk rather than a `models:/`, `runs:/` or other
+    URI (then no tracking store is needed, nor touched)."""
+    return "://" not in uri and not uri.startswith(("models:", "runs:"))
+
+
 def load_model(uri: str, tracking_uri: str | None = None):
-    """Load a wbc-transfer pyfunc; ModelUnavailableError (one clear line) if that fails."""
+    """Load a wbc-transfer pyfunc; ModelUnavailableError (one clear line) if that fails.
+
+    A local folder is read as it is: no tracking store is opened (MLflow would otherwise look
+    the folder's logged-model id up in the store, and create an empty SQLite file on the way).
+    A `models:/` or `runs:/` URI on a SQLite store that does not exist yet (a fresh clone) is
+    refused with the command that makes a champion, without creating that file."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from wbc_transfer.serving import MARKER_KEY
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    store = mlflow.get_tracking_uri()
-    if uri.startswith(("models:", "runs:")) and store.startswith("sqlite:///"):
-        db = Path(store.removeprefix("sqlite:///"))
-        if not db.is_file():  # MLflow would silently create an empty store
+    hint = (f"{MAKE_CHAMPION}, or pass --model with a models:/<name>@<alias>, "
+            "models:/<name>/<version> or a local model folder")
+    if is_local_model(uri):
+        folder = Path(uri).expanduser()
+        if not (folder / "MLmodel").is_file():
             raise ModelUnavailableError(
-                f"cannot load {uri}: the tracking store {store} does not exist; run from the "
-                "project folder, or set --tracking-uri / MLFLOW_TRACKING_URI")
-    hint = ("register one with `wbc-transfer promote` (or `dvc repro promote`), or pass "
-            "--model with a models:/<name>@<alias>, models:/<name>/<version> or a local folder")
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelUnavailableError(
-            f"cannot load {uri} from {store}: {first}\n  {hint}") from None
+                f"cannot load {uri}: not a model folder (no MLmodel file in it)\n  {hint}")
+        store = str(folder)
+        try:
+            info = mlflow.models.Model.load(folder)
+        except (MlflowException, OSError, ValueError) as exc:
+            raise ModelUnavailableError(f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
+    else:
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        store = mlflow.get_tracking_uri()
+        if uri.startswith(("models:", "runs:")) and store.startswith("sqlite:///"):
+            db = Path(store.removeprefix("sqlite:///").split("?", 1)[0])
+            if not db.is_file():  # MLflow would silently create an empty store
+                raise ModelUnavailableError(
+                    f"cannot load {uri}: no champion yet, the tracking store {store} does not "
+                    f"exist (a fresh clone before any run); {MAKE_CHAMPION}; or set "
+                    "--tracking-uri / MLFLOW_TRACKING_URI to a store that has one, or pass "
+                    "--model with a local model folder")
+        try:
+            info = mlflow.models.get_model_info(uri)
+        except (MlflowException, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailableError(
+                f"cannot load {uri} from {store}: {first}\n  {hint}") from None
     if MARKER_KEY not in (info.metadata or {}):
         raise ModelUnavailableError(
             f"{uri} is not a wbc-transfer image classifier (flavors: {sorted(info.flavors)}; "
             f"no '{MARKER_KEY}' metadata); refusing to load it.\n  {hint}")
     try:
-        return mlflow.pyfunc.load_model(uri)
+        return mlflow.pyfunc.load_model(str(Path(uri).expanduser()) if is_local_model(uri)
+                                        else uri)
     except Exception as exc:
         raise ModelUnavailableError(
             f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
@@ -303,9 +358,10 @@ def main(args: argparse.Namespace) -> int:
     explain_dir = Path(args.explain) if args.explain else None
     fmt = args.format or ("jsonl" if args.output and args.output.endswith((".jsonl", ".json"))
                           else "csv")
-    items = collect(args.paths)
+    skipped: list[str] = []
+    items = collect(args.paths, skipped)
     if not items:
-        print("wbc-transfer predict: no images found", file=sys.stderr)
+        print(f"wbc-transfer predict: no images found{skipped_note(skipped)}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
@@ -339,7 +395,7 @@ def main(args: argparse.Namespace) -> int:
     done = time.perf_counter()
     if not args.quiet:
         rate = n_ok / (done - loaded) if done > loaded else float("nan")
-        print(f"wbc-transfer predict: {n_ok} classified, {n_err} failed "
+        print(f"wbc-transfer predict: {n_ok} classified, {n_err} failed{skipped_note(skipped)} "
               f"({args.model}, model load {loaded - started:.1f}s, {rate:.1f} img/s"
               f"{', tta' if args.tta else ''}{', explained' if explain_dir else ''})",
               file=sys.stderr)

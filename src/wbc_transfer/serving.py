@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer.images import ImageError, decode
+from wbc_transfer.images import ImageError, decode, joined, large_image_note
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,13 @@ class Classifier:
         ImageError for bytes that are not a readable image."""
         from wbc_transfer.cells import model_view
         from wbc_transfer.config import CELL_FRACTION
-        from wbc_transfer.io import join_notes
 
         image, note = decode(data)
+        note = joined(note, large_image_note(int(image.shape[-1]), int(image.shape[-2])))
         pixels, view_note, _ = model_view(image, int(self.config["image_size"]),
                                           self.config.get("view", "full"),
                                           float(self.config.get("cell_fraction", CELL_FRACTION)))
-        return pixels, join_notes(note, view_note)
+        return pixels, joined(note, view_note)
 
     @property
     def temperature(self) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import psutil
 import yaml
 from filelock import FileLock
 from mlflow.entities import RunStatus
@@ -31,17 +34,35 @@ def home_root(root: Path) -> Path:
     return root
 
 
+#: seconds a SQLite client waits for another process's write lock before "database is locked"
+#: (MLflow's and Optuna's local stores; sqlite3's default is 5 s)
+SQLITE_TIMEOUT_S = 60
+
+
+def with_busy_timeout(uri: str) -> str:
+    """`uri` with `timeout=SQLITE_TIMEOUT_S` added when it is a SQLite file URL without one
+    (SQLAlchemy's pysqlite dialect passes it to `sqlite3.connect`); other URIs unchanged.
+
+    MLflow sets a busy timeout inside its sessions only; a process that opens the store (engine
+    creation, schema check) while another one holds the write lock used sqlite3's 5 s default
+    and died with "database is locked" (tests/test_runs.py)."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_TIMEOUT_S}"
+
+
 def tracking_uri(params: Params) -> str:
-    """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root.
+    """MLFLOW_TRACKING_URI wins; then base.tracking_uri; else SQLite at the repo root. A SQLite
+    store gets a busy timeout (`with_busy_timeout`).
 
     Relative SQLite paths would land in DVC's temporary copies (`dvc exp run --temp`), so the
     default is always absolute and points at the user's repository.
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return with_busy_timeout(os.environ["MLFLOW_TRACKING_URI"])
     if params.base.tracking_uri:
-        return params.base.tracking_uri
-    return f"sqlite:///{home_root(params.root) / 'mlflow.db'}"
+        return with_busy_timeout(params.base.tracking_uri)
+    return with_busy_timeout(f"sqlite:///{home_root(params.root) / 'mlflow.db'}")
 
 
 # The MLflow 3 UI opens an experiment on its GenAI view (traces, token usage) unless the
@@ -122,6 +143,37 @@ def ui_url(params: Params, server: str = "http://127.0.0.1:5000") -> str:
     return f"{server.rstrip('/')}/#/experiments/{setup(params)}{UI_TRAINING_VIEW}"
 
 
+class PortInUseError(RuntimeError):
+    """A server was asked to listen on a port something else already holds."""
+
+
+def require_free_port(host: str, port: int, variable: str) -> None:
+    """Raise PortInUseError naming `variable` (the Makefile variable that picks the port) when
+    `host:port` cannot be bound: `mlflow ui` beside `make server` on 5000 logged "Address
+    already in use" and exited 0."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {host} is in use ({exc.strerror}): another server (`make "
+                f"server`, an earlier `make ui`) listens there; stop it or pick another port, "
+                f"e.g. `make ui {variable}={port + 1}`") from None
+
+
+def ui(params: Params, host: str, port: int) -> int:
+    """`make ui`: the MLflow UI on the project's store (the same URI every stage uses, paths
+    with spaces included) after checking the port is free; prints the training-runs address
+    first. Returns the UI's exit code."""
+    require_free_port(host, port, "UI_PORT")
+    print("training runs:", ui_url(params, f"http://{host}:{port}"), flush=True)
+    command = ["mlflow", "ui", "--backend-store-uri", tracking_uri(params), "--host", host,
+               "--port", str(port)]
+    return subprocess.run(command, check=False).returncode
+
+
 def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -143,12 +195,47 @@ def data_md5(root: Path) -> str:
     return str(outs[0].get("md5", "unknown"))
 
 
+#: run tag naming the process that has the run open: "<host>:<pid>:<process start time>"
+OWNER_TAG = "wbc.owner"
+
+
+def machine() -> str:
+    """This machine: its host name and, on Linux, its boot id (two containers of one name on
+    different machines differ in it; a reboot changes it, and no process survives one)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boot_id = boot.read_text().strip()[:8] if boot.is_file() else ""
+    return f"{socket.gethostname()}/{boot_id}" if boot_id else socket.gethostname()
+
+
+def owner() -> str:
+    """This process as OWNER_TAG records it (the start time tells a reused pid apart)."""
+    me = psutil.Process()
+    return f"{machine()}:{me.pid}:{me.create_time():.3f}"
+
+
+def owner_alive(tag: str | None) -> bool | None:
+    """Whether the process an OWNER_TAG names still runs: True or False for a process of this
+    machine; None when it is unknown (no tag, another host)."""
+    try:
+        host, pid, created = (tag or "").rsplit(":", 2)
+        if host != machine():
+            return None
+        return abs(psutil.Process(int(pid)).create_time() - float(created)) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+    except (ValueError, psutil.Error):
+        return None
+
+
 @contextlib.contextmanager
 def run(params: Params, run_id: str | None = None, run_name: str | None = None,
         tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume) a run; any exception, Ctrl-C included, ends it as FAILED."""
+    """Start (or resume) a run; any exception, Ctrl-C included, ends it as FAILED. The run is
+    tagged with its owner process (OWNER_TAG), so that a rerun can tell a run left RUNNING by
+    a killed process (SIGKILL, power loss) from one another process still has open."""
     setup(params)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    mlflow.set_tag(OWNER_TAG, owner())
     try:
         yield active
     except BaseException:
@@ -159,18 +246,28 @@ def run(params: Params, run_id: str | None = None, run_name: str | None = None,
 
 
 def unfinished_run(params: Params, tags: dict[str, str]) -> str | None:
-    """The id of the latest FAILED or KILLED run of the project's experiment carrying all
-    `tags` (e.g. a stage killed before its first checkpoint), else None; its rerun continues
-    it instead of opening a second run. RUNNING runs are left alone: another process may own
-    them."""
+    """The id of the latest run of the project's experiment carrying all `tags` that did not
+    finish: FAILED or KILLED (e.g. a stage stopped before its first checkpoint), or RUNNING
+    while the process that opened it is gone (killed with SIGKILL: nothing could close it);
+    its rerun continues it instead of opening a second run. A RUNNING run whose owner lives, or
+    cannot be checked (another host, no owner tag), is left alone: that process may own it."""
     experiment_id = setup(params)
     condition = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     found = mlflow.search_runs(
-        experiment_ids=[experiment_id], output_format="list", max_results=1,
+        experiment_ids=[experiment_id], output_format="list", max_results=20,
         filter_string=f"{condition} AND attributes.status != 'FINISHED' "
-                      f"AND attributes.status != 'RUNNING' AND attributes.status != 'SCHEDULED'",
+                      f"AND attributes.status != 'SCHEDULED'",
         order_by=["attributes.start_time DESC"])
-    return found[0].info.run_id if found else None
+    for candidate in found:
+        if candidate.info.status != "RUNNING":
+            return candidate.info.run_id
+        holder = candidate.data.tags.get(OWNER_TAG)
+        if owner_alive(holder) is False:
+            logging.getLogger(__name__).warning(
+                "MLflow run %s is RUNNING but its process (%s) is gone (killed): continuing it",
+                candidate.info.run_id, holder)
+            return candidate.info.run_id
+    return None
 
 
 def log_new_params(values: dict[str, str]) -> None:

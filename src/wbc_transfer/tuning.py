@@ -68,9 +68,12 @@ log = logging.getLogger(__name__)
 #: stop at exactly `tune.trials`); failed trials do not count and are redone
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 PARENT_ATTR = "mlflow_parent_run_id"
+OWNER_ATTR = "owner"  # trial user attr: the process running it (tracking.owner())
 HEARTBEAT_S = 30  # default tune.heartbeat_s
 OBJECTIVE = "val_f1_macro"
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+MAX_RETRY = 2  # a failed trial (dead worker) is enqueued again at most this often
+MAX_ROUNDS = 3  # search: rounds of (run the remaining trials, wait for other workers)
 
 
 # --- storage, sampler, pruner ---------------------------------------------------------------
@@ -110,14 +113,14 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> optuna.storages.Ba
         path = url.removeprefix("sqlite:///")
         if path and not path.startswith(":memory:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers share one file
+        engine_kwargs = {"connect_args": {"timeout": tracking.SQLITE_TIMEOUT_S}}  # workers share it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
             grace_period=4 * heartbeat_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=2))
+                max_retry=MAX_RETRY))
 
 
 def public_url(url: str) -> str:
@@ -273,6 +276,7 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
                                      float(space.head_lr_factor_high),
                                      log=bool(space.head_lr_factor_log))
         baseline = bool(trial.user_attrs.get("baseline"))
+        trial.set_user_attr(OWNER_ATTR, tracking.owner())  # see fail_orphaned_trials
         run_id = client.create_run(session.experiment_id, run_name=f"trial-{trial.number}", tags={
             MLFLOW_PARENT_RUN_ID: session.parent_run_id, "role": "trial",
             "optuna_study": ctx.study_name, "trial_number": str(trial.number),
@@ -408,8 +412,34 @@ def open_study(ctx: Context, worker: bool = False, wait_s: float = 60.0) -> Sess
     return session
 
 
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail now the RUNNING trials whose process is gone (killed on this machine, e.g. with
+    SIGKILL: nothing could end them), and enqueue each again with the same params and user
+    attrs (baseline flag), as Optuna's RetryHeartbeatStaleTrialCallback does after the heartbeat grace
+    period (4 x tune.heartbeat_s; a trial of another machine still waits for that). Returns
+    the failed trials' numbers. Uses the storage and trial id as optuna.storages.
+    fail_stale_trials does (no public API sets another process's trial state)."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if tracking.owner_alive(trial.user_attrs.get(OWNER_ATTR)) is not False:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # it finished meanwhile
+        # enqueued again exactly as the heartbeat path does it (system attr failed_trial)
+        optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, trial)
+        log.warning("trial %d was RUNNING but its process (%s) is gone: failed, and enqueued "
+                    "again with the same params", trial.number, trial.user_attrs.get(OWNER_ATTR))
+        failed.append(trial.number)
+    return failed
+
+
 def close_dead_trials(session: Session) -> None:
-    """Fail trials of killed workers (RDB heartbeat) and close their MLflow runs to match."""
+    """Fail trials of killed workers (this machine: at once; elsewhere: RDB heartbeat) and
+    close their MLflow runs to match."""
+    fail_orphaned_trials(session.study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(session.study)
@@ -430,17 +460,26 @@ def search(ctx: Context, worker: bool = False) -> Session:
     if not worker:
         ensure_baseline(study, ctx.params)  # e.g. it failed in an interrupted run
         session.client.update_run(session.parent_run_id, status="RUNNING")
-    remaining = t.trials - counted(study)
-    if remaining <= 0:
+    if t.trials - counted(study) <= 0:
         log.info("study %s already has %d trial(s) of %d: nothing to run", ctx.study_name,
                  counted(study), t.trials)
-        return session
     try:
-        study.optimize(
-            make_objective(ctx, session), n_trials=remaining, timeout=t.timeout,
-            callbacks=[optuna.study.MaxTrialsCallback(t.trials, states=COUNTED)],
-            gc_after_trial=True,
-        )
+        for _ in range(MAX_ROUNDS):
+            remaining = t.trials - counted(study)
+            if remaining > 0:
+                study.optimize(
+                    make_objective(ctx, session), n_trials=remaining, timeout=t.timeout,
+                    callbacks=[optuna.study.MaxTrialsCallback(t.trials, states=COUNTED)],
+                    gc_after_trial=True,
+                )
+            if worker or t.timeout is not None:
+                break
+            # the stage: other workers' trials that died meanwhile are failed and enqueued
+            # again; run them too, so that the study ends with tune.trials finished trials
+            wait_for_workers(study)
+            if counted(study) >= t.trials:
+                break
+        close_dead_trials(session)
     except BaseException:
         if not worker:  # the stage owns the parent run; a rerun resumes it
             session.client.set_terminated(session.parent_run_id, "FAILED")
@@ -453,6 +492,7 @@ def wait_for_workers(study: optuna.Study, poll_s: float = 5.0) -> None:
     trial by heartbeat; elsewhere a trial running for twice the longest finished trial (+1 min)
     is taken for dead and left out."""
     while True:
+        fail_orphaned_trials(study)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)

@@ -4,9 +4,11 @@ Decoding is `wbc_transfer.images.decode_bytes`, the decoder of every later stage
 validation accepts, `split`, `prepare`, predict and HTTP read the same way. Accepted: files that
 decode and are stored as RGB (8 bits per channel, or 16 reduced to 8, stated in `note`); the EXIF
 orientation is applied and noted. Hidden files and folders (a name starting with "."), at any
-depth, are not data and are not scanned. Each file's SHA-256 finds exact duplicates
-(`duplicates`); the same bytes under two classes is a label conflict, a problem. Paths are
-written as `wbc_transfer.io.path_text` gives them (valid UTF-8 whatever the name's bytes).
+depth, are not data and are not scanned. A symbolic link to a file is read as the file; a
+broken link or a link to a folder is a problem naming where it points (`images.walk`). Each
+file's SHA-256 finds exact duplicates (`duplicates`); the same bytes under two classes is a
+label conflict, a problem. Paths are written as `wbc_transfer.io.path_text` gives them (valid
+UTF-8 whatever the name's bytes).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from wbc_transfer.images import (
     IMAGE_SUFFIXES,
     ImageError,
     decode_bytes,
-    is_hidden,
+    link_problem,
     read_file,
+    walk,
 )
 from wbc_transfer.io import path_text
 
@@ -95,16 +98,20 @@ def scan(
                 hidden += 1  # .ipynb_checkpoints, .DS_Store, ...: not data
                 continue
             rel_dir = path_text(f"{folder}/{entry.name}")
+            if entry.is_symlink() and (reason := link_problem(entry)):  # a linked class folder
+                problems.append(FolderProblem(rel_dir, reason))
+                continue
             if not entry.is_dir():
                 problems.append(FolderProblem(rel_dir, "file outside any class folder"))
                 continue
             if entry.name not in classes:
                 problems.append(FolderProblem(rel_dir, f"unknown class folder (known: {list(classes)})"))
                 continue
-            found = [p for p in entry.rglob("*") if p.is_file()]
-            files = sorted(p for p in found if not is_hidden(p.relative_to(entry)))
-            hidden += len(found) - len(files)
-            if not files:
+            files, refused, skipped = walk(entry)
+            hidden += skipped
+            problems += [FolderProblem(path_text(link.relative_to(images_dir).as_posix()), reason)
+                         for link, reason in refused]
+            if not files and not refused:
                 problems.append(FolderProblem(rel_dir, "empty class folder"))
             for file in files:
                 rel = path_text(file.relative_to(images_dir).as_posix())

@@ -18,7 +18,8 @@ from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
 from wbc_transfer.data import build_image_set
 from wbc_transfer.external import index_set, report
-from wbc_transfer.io import join_notes, path_text, text_path, write_csv, write_json
+from wbc_transfer.images import joined
+from wbc_transfer.io import path_text, text_path, write_csv, write_json
 from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
 from wbc_transfer.stages.validate import DataValidationError
 
@@ -71,7 +72,7 @@ def main(params: Params, name: str) -> dict[str, object]:
     images = build_image_set(index, root, params.data.classes, prep.image_size, prep.view,
                              prep.cell_fraction)
     # the localisation's notes (no cell found, several cells) join the index and the report
-    index["note"] = [join_notes(a, b) for a, b in zip(index["note"], images.notes, strict=True)]
+    index["note"] = [joined(a, b) for a, b in zip(index["note"], images.notes, strict=True)]
     info["notes"] = report(name, source, index, problems, params.validate.policy)["notes"]
     info["localisation"] = localisation_summary(images.notes, prep.view)
     write_json(out / "report.json", info)

@@ -2,7 +2,9 @@
 
 Writes (under validate.report_dir) problems.csv (path, problem), image_sizes.csv,
 duplicates.csv (exact duplicates: sha256, path, folder, label) and report.json, and
-validate.index (path, folder, label, width, height, note) of the usable images. Under
+validate.index (path, folder, label, width, height, note) of the usable images (`note`: the
+decoder's conversions and, for an image far larger than a cell crop, `images.large_image_note`:
+a whole smear field trains as one cell; counted as `large_images` in report.json). Under
 validate.policy=strict any problem (a bad file or folder, a label conflict) stops the stage.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import fields
 import pandas as pd
 
 from wbc_transfer.config import Params
+from wbc_transfer.images import joined, large_image_note
 from wbc_transfer.io import path_text, write_csv, write_json
 from wbc_transfer.validation import ImageRecord, as_rows, duplicates, scan
 
@@ -58,6 +61,14 @@ def main(params: Params) -> dict[str, object]:
     dups = pd.DataFrame(duplicate_rows, columns=["sha256", "path", "folder", "label"])
     write_csv(out / "duplicates.csv", dups)
     conversions = Counter(good["note"][good["note"] != ""]) if len(good) else Counter()
+    if len(good):  # a whole smear field trains as if it were one cell: say so in the index
+        large = [large_image_note(w, h) for w, h in zip(good["width"], good["height"],
+                                                          strict=True)]
+        good = good.assign(note=[joined(n, extra) for n, extra in zip(good["note"], large,
+                                                                       strict=True)])
+        for path, extra in zip(good["path"], large, strict=True):
+            if extra:
+                log.warning("%s: %s", path, extra)
     counts = {
         folder: {c: int(n) for c, n in sorted(Counter(g["label"]).items())}
         for folder, g in good.groupby("folder")
@@ -74,6 +85,7 @@ def main(params: Params) -> dict[str, object]:
         "modes": {m: int(n) for m, n in Counter(good["mode"]).items()} if len(good) else {},
         # usable images that were converted on decoding (every stage converts them alike)
         "conversions": {note: int(n) for note, n in sorted(conversions.items())},
+        "large_images": int(sum(map(bool, large))) if len(good) else 0,
         # exact duplicates (same bytes); the groups are listed in duplicates.csv
         "duplicates": {
             "groups": int(dups["sha256"].nunique()),

@@ -1,0 +1,101 @@
+"""The Makefile as a user runs it: a clone in a folder whose name has a space, `make ui` beside
+another server on its port. Real make, real `mlflow ui`, real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+PATH_VARIABLES = ("CURDIR", "VENV", "PYTHON", "MLFLOW_BACKEND", "MLFLOW_ARTIFACTS", "MLFLOW_HOST",
+                  "MLFLOW_PORT", "UI_HOST", "UI_PORT")
+
+
+def clone_with_a_space(tmp_path: Path) -> Path:
+    """The files `make ui` needs, in `<tmp>/my project`."""
+    repo = tmp_path / "my project"
+    repo.mkdir()
+    for name in ("Makefile", "params.yaml"):
+        shutil.copyfile(REPO_ROOT / name, repo / name)
+    return repo
+
+
+def make_env() -> dict[str, str]:
+    """The test's Python first on PATH (the clone has no .venv), no tracking URI of the shell."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_every_path_or_port_in_a_recipe_is_quoted():
+    """`$(CURDIR)` etc. unquoted in a recipe split a path with a space into two arguments
+    (`make ui` in "my project": "Got unexpected extra argument")."""
+    unquoted = []
+    text = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")  # continuation lines
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.startswith("\t"):
+            continue
+        outside = re.sub(r'"[^"]*"', '""', line)  # drop double-quoted parts
+        for name in PATH_VARIABLES:
+            if f"$({name})" in outside:
+                unquoted.append(f"{number}: $({name}) in {line.strip()}")
+    assert not unquoted, unquoted
+
+
+def test_make_ui_fails_loudly_when_its_port_is_taken(tmp_path):
+    """`make ui` beside `make server` (both on 5000): exit status 0 and a log line before."""
+    repo = clone_with_a_space(tmp_path)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        done = subprocess.run(["make", "ui", f"UI_PORT={port}"], cwd=repo, env=make_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in done.stderr
+    assert f"make ui UI_PORT={port + 1}" in done.stderr
+
+
+@pytest.mark.slow
+def test_make_ui_serves_a_clone_in_a_folder_with_a_space(tmp_path):
+    repo = clone_with_a_space(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(["make", "ui", f"UI_PORT={port}"], cwd=repo, env=make_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    status = r.status
+                    break
+            except OSError:
+                time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    assert status == 200, output
+    assert (repo / "mlflow.db").is_file()  # the project's store, in the folder with the space
+    assert f"training runs: http://127.0.0.1:{port}/#/experiments/" in output
