@@ -22,7 +22,7 @@ from tqdm import tqdm
 from wbc_transfer.cells import model_view
 from wbc_transfer.config import CELL_FRACTION
 from wbc_transfer.images import decode_file, joined
-from wbc_transfer.io import join_notes, text_path, write_torch
+from wbc_transfer.io import text_path, write_torch
 
 log = logging.getLogger(__name__)
 
