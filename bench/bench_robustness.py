@@ -81,8 +81,8 @@ def prepare_data(base: Params, out: Path, size: int, per_class: int, external: b
 
     manifest = pd.read_csv(base.resolve(base.split.out_dir) / "heldout.csv")
     train = manifest[manifest["split"] == "train"]
-    capped = train.groupby("label", group_keys=False).apply(
-        lambda g: g.sample(min(per_class, len(g)), random_state=base.split.seed))
+    capped = pd.concat([g.sample(min(per_class, len(g)), random_state=base.split.seed)
+                        for _, g in train.groupby("label", sort=True)])
     rows = pd.concat([capped, manifest[manifest["split"] != "train"]], ignore_index=True)
     for view in sorted(views):
         target = out / f"prepared-{view}" / "heldout.pt"
