@@ -56,11 +56,11 @@ def split_row(row: str) -> tuple[str, str]:
     return (view or "full"), option
 
 
-def row_params(base: Params, out: Path, row: str, size: int, epochs: int) -> Params:
+def row_params(base: Params, out: Path, row: str, size: int, epochs: int, threads: int = 2) -> Params:
     """`base` with the row's view and train options and every output under out/<row>."""
     view, option = split_row(row)
     train = replace(base.train, architectures=(ARCH,), protocols=(PROTOCOL,), seeds=(SEED,),
-                    epochs=epochs, input_size=None, overrides={}, num_threads=2,
+                    epochs=epochs, input_size=None, overrides={}, num_threads=threads,
                     out_dir=str(out / row / "train"), checkpoint_dir=str(out / row / "ckpt"),
                     **ROWS[option])
     return replace(base, train=train,
@@ -98,13 +98,13 @@ def prepare_data(base: Params, out: Path, size: int, per_class: int, external: b
                     external_stage.main(params, name)
 
 
-def train(base: Params, out: Path, rows: list[str], size: int, epochs: int) -> None:
+def train(base: Params, out: Path, rows: list[str], size: int, epochs: int, threads: int = 2) -> None:
     from wbc_transfer.stages import train as train_stage
 
     timings = out / "timings.json"
     done = json.loads(timings.read_text()) if timings.is_file() else {}
     for row in rows:
-        params = row_params(base, out, row, size, epochs)
+        params = row_params(base, out, row, size, epochs, threads)
         if (params.resolve(params.train.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "model.pt").is_file():
             print(f"{row}: trained already")
             continue
@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="train.num_threads (1 when another process shares the 2 cores)")
     args = parser.parse_args()
     base = load_params()
     out = base.resolve(args.out)
@@ -199,8 +201,10 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     prepare_data(base, out, args.size, args.per_class, external=args.step != "train",
                  views={split_row(r)[0] for r in rows})
-    step = {"train": train, "evaluate": evaluate, "speed": speed}[args.step]
-    step(base, out, rows, args.size, args.epochs)
+    if args.step == "train":
+        train(base, out, rows, args.size, args.epochs, args.threads)
+    else:
+        {"evaluate": evaluate, "speed": speed}[args.step](base, out, rows, args.size, args.epochs)
 
 
 if __name__ == "__main__":

@@ -170,3 +170,27 @@ def test_one_set_param_adds_a_lab_folder(tmp_path: Path):
     file.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="external.TEST"):
         load_params(file)
+
+
+def test_the_cell_view_of_an_external_set_notes_what_it_did_not_find(tmp_path, prepared, lab):
+    """prepare.view cell in external@: every image localised; a blank image is kept with the
+    'no white cell found' note in its index row and counted in report.json; a gallery."""
+    from wbc_transfer.cells import NOT_FOUND
+    from wbc_transfer.data import ImageSet
+
+    root = tmp_path / "lab"
+    shutil.copytree(lab, root)
+    (root / "MONOCYTE" / "broken.png").unlink()
+    Image.new("RGB", (120, 120), (235, 230, 225)).save(root / "LYMPHOCYTE" / "blank.png")
+    params = lab_params(tmp_path, prepared, root, **{"prepare.view": "cell", "prepare.image_size": 48})
+    info = external.main(params, "mylab")
+    assert info["usable_images"] == 13
+    assert info["localisation"] == {"view": "cell", "images": 13, "no_cell": 1, "several_cells": 0}
+    index = pd.read_csv(tmp_path / "data/prepared_external/mylab.csv", keep_default_na=False)
+    blank = index[index["path"] == "LYMPHOCYTE/blank.png"]["note"].iloc[0]
+    assert blank.startswith(NOT_FOUND)
+    large = index[index["note"].str.contains("large image")]["note"].iloc[0]
+    assert NOT_FOUND not in large  # the 700 px field's cell is found, the size note kept
+    images = ImageSet.load(tmp_path / "data/prepared_external/mylab.pt")
+    assert images.view == "cell" and tuple(images.images.shape[1:]) == (3, 48, 48)
+    assert (tmp_path / "results/data/external/mylab/cells_gallery.png").stat().st_size > 1000
