@@ -115,12 +115,13 @@ def train(base: Params, out: Path, rows: list[str], size: int, epochs: int, thre
         print(f"{row}: trained in {done[row]:.0f} s", flush=True)
 
 
-def evaluate(base: Params, out: Path, rows: list[str], size: int, epochs: int) -> pd.DataFrame:
+def evaluate(base: Params, out: Path, rows: list[str], size: int, epochs: int,
+             threads: int = 2) -> pd.DataFrame:
     from wbc_transfer.stages import evaluate as evaluate_stage
 
     records = []
     for row in rows:
-        params = row_params(base, out, row, size, epochs)
+        params = row_params(base, out, row, size, epochs, threads)
         if not (params.resolve(params.train.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}").is_dir():
             continue
         done = params.resolve(params.evaluate.out_dir) / f"{ARCH}-{PROTOCOL}-{SEED}" / "metrics.json"
@@ -193,7 +194,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2,
-                        help="train.num_threads (1 when another process shares the 2 cores)")
+                        help="train.num_threads of train and evaluate (1 when another process shares "
+                        "the 2 cores)")
     args = parser.parse_args()
     base = load_params()
     out = base.resolve(args.out)
@@ -201,10 +203,11 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     prepare_data(base, out, args.size, args.per_class, external=args.step != "train",
                  views={split_row(r)[0] for r in rows})
-    if args.step == "train":
-        train(base, out, rows, args.size, args.epochs, args.threads)
+    if args.step == "speed":
+        speed(base, out, rows, args.size, args.epochs)
     else:
-        {"evaluate": evaluate, "speed": speed}[args.step](base, out, rows, args.size, args.epochs)
+        {"train": train, "evaluate": evaluate}[args.step](base, out, rows, args.size, args.epochs,
+                                                          args.threads)
 
 
 if __name__ == "__main__":
