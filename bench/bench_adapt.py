@@ -47,24 +47,30 @@ def load_base(params, uri: str | None, folder: str | None):
     return load_model(uri or params.adapt.model).unwrap_python_model().classifier
 
 
-def curve_rows(params, base, labs: list[str], ks: list[int], seeds: list[int]) -> pd.DataFrame:
-    """One row per lab x K x seed: the adapted model's and the zero-shot base's scores."""
+def curve_rows(params, base, labs: list[str], ks: list[int], seeds: list[int],
+               out: Path | None = None) -> pd.DataFrame:
+    """One row per lab x K x seed: the adapted model's and the zero-shot base's scores. Seeds
+    are the outer loop (a cut run still has whole curves); with `out`, curve.csv is rewritten
+    after every run."""
     device = pick_device(params.train.device)
-    rows = []
+    labs_data = {}
     for lab in labs:
         entry = params.adapt.labs[lab]
         root = params.resolve(entry.root)
         index = adapt.index_lab(root, lab, base.classes,
                                 root / entry.manifest if entry.manifest else None,
                                 params.validate.policy)
-        data = adapt.read_lab(root, index, base.classes, base.preprocess)
         smallest = int(index.groupby("label")["group"].nunique().min())
-        for k in ks:
-            if k >= smallest:
-                log.info("%s: K=%d skipped (smallest class has %d cells)", lab, k, smallest)
-                continue
+        for k in [k for k in ks if k >= smallest]:
+            log.info("%s: K=%d skipped (smallest class has %d cells)", lab, k, smallest)
+        labs_data[lab] = (adapt.read_lab(root, index, base.classes, base.preprocess),
+                          [k for k in ks if k < smallest])
+        for k in labs_data[lab][1]:
             adapt.check_request(index, base.classes, k, root)
-            for seed in seeds:
+    rows = []
+    for seed in seeds:
+        for lab, (data, lab_ks) in labs_data.items():
+            for k in lab_ks:
                 r = adapt.adapt(base.model, base.config, data, k, seed, params, device).metrics
                 sets = r.get("sets") or {}
                 rows.append({
@@ -86,6 +92,9 @@ def curve_rows(params, base, labs: list[str], ks: list[int], seeds: list[int]) -
                          "coverage %s size %s, %.0f s", lab, k, seed, r["f1_macro"],
                          *r["f1_macro_ci"], r["zero_shot"]["f1_macro"],
                          sets.get("coverage"), sets.get("mean_set_size"), r["seconds"])
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    pd.DataFrame(rows).to_csv(out / "curve.csv", index=False)
     return pd.DataFrame(rows)
 
 
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_base(params, args.model, args.model_dir)
         rows = curve_rows(params, classifier, args.lab or sorted(params.adapt.labs),
                           args.per_class or list(params.adapt.curve.per_class),
-                          args.seeds or list(params.adapt.curve.seeds))
+                          args.seeds or list(params.adapt.curve.seeds), out)
         files = write(rows, out)
     print((out / "curve.md").read_text())
     if not args.no_mlflow:

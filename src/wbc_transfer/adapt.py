@@ -261,6 +261,8 @@ def choose_epoch(base: nn.Module, architecture: str, labelled: ImageSet, t: Trai
         _, history = finetune(base, architecture, labelled.take(train_idx), t, a.head_epochs,
                               a.unfreeze_fraction, t.epochs, seed + fold, mean, std, device,
                               val_set=labelled.take(val_idx), eval_batch=params.evaluate.batch_size)
+        log.info("cross-validation fold %d: validation macro-F1 by epoch %s", fold,
+                 [round(e.f1_macro, 3) for e in history])
         for epoch, e in enumerate(history, 1):
             rows.append({"fold": fold, "epoch": epoch, "val_f1_macro": e.f1_macro,
                          "val_loss": e.loss, "val_images": len(val_idx)})
@@ -270,6 +272,8 @@ def choose_epoch(base: nn.Module, architecture: str, labelled: ImageSet, t: Trai
     best = mean_scores.sort_values(["val_f1_macro", "val_loss", "epoch"],
                                    ascending=[False, True, True]).iloc[0]
     chosen = int(best["epoch"])
+    log.info("epoch %d chosen (mean validation macro-F1 %.3f over %d folds)", chosen,
+             best["val_f1_macro"], table["fold"].nunique())
     logits = np.zeros((len(labels), len(labelled.classes)), dtype=np.float32)
     for (_, epoch), (idx, fold_logits) in oof.items():
         if epoch == chosen:
