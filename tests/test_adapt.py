@@ -114,6 +114,16 @@ def test_a_lab_name_whose_alias_is_taken_is_refused_before_anything_runs(
                                   output_format="list")
 
 
+def test_the_command_line_names_what_is_missing(params_for, capsys, pbc, tmp_path) -> None:
+    params = params_for()
+    assert cli(["--params", str(params.root / "params.yaml"), "adapt", "--lab", "nolab"]) == 2
+    assert "give FOLDER and --per-class K, or list the lab under adapt.labs" in capsys.readouterr().err
+    folder = lab_folder(pbc, tmp_path / "lab", {"MONOCYTE": 3})
+    assert cli(["--params", str(params.root / "params.yaml"), "adapt", str(folder), "--lab", "one",
+                "--per-class", "2", "--model", MODEL_URI]) == 1
+    assert "one class only (MONOCYTE)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the split, the recipe's parts and the conformal sets
 
