@@ -12,8 +12,9 @@ The recipe (params `adapt.*`), made for a handful of labelled cells per class:
 3. **Fine-tuning** (`finetune`): the head alone for `head_epochs`, then the head and the last
    blocks (the trailing parameters that hold `unfreeze_fraction` of the network's weights) for
    `body_epochs`: AdamW, cosine decay, label smoothing, strong augmentation (flips, any rotation,
-   shift, zoom, colour and HED stain jitter: `wbc_transfer.recipe.ModernAugment`). The loop is
-   `wbc_transfer.engine.fit`, the train stage's.
+   shift, zoom, colour and HED stain jitter: `wbc_transfer.recipe.ModernAugment`); an epoch
+   repeats the few images to at least `min_epoch_images` (each copy augmented anew). The loop
+   is `wbc_transfer.engine.fit`, the train stage's.
 4. **The epoch** (`choose_epoch`): chosen by `StratifiedGroupKFold` cross-validation inside the K
    labelled cells (mean validation macro-F1 over the folds, ties to the lower loss, then the
    earlier epoch); the lab's test part is never looked at. The final model is trained on all K
@@ -208,11 +209,15 @@ class Epoch:
 def finetune(base: nn.Module, architecture: str, train_set: ImageSet, t: TrainParams,
              head_epochs: int, unfreeze_fraction: float, epochs: int, seed: int,
              mean: Sequence[float], std: Sequence[float], device: torch.device,
-             val_set: ImageSet | None = None, eval_batch: int = 64) -> tuple[nn.Module, list[Epoch]]:
+             val_set: ImageSet | None = None, eval_batch: int = 64,
+             min_images: int = 0) -> tuple[nn.Module, list[Epoch]]:
     """A copy of `base` (BatchNorm statistics already adapted, then kept fixed) fine-tuned on
     `train_set` for `epochs` epochs of a `t.epochs`-epoch schedule: the head alone for
-    `head_epochs`, then also the last blocks. Returns (model in eval mode, one Epoch per epoch
-    scored on `val_set`; empty without it)."""
+    `head_epochs`, then also the last blocks. An epoch repeats the images (each copy augmented
+    anew) to at least `min_images`, so that a few labels still make several optimiser steps.
+    Returns (model in eval mode, one Epoch per epoch scored on `val_set`; empty without it)."""
+    if 0 < len(train_set) < min_images:  # few labels: each epoch sees every image several times
+        train_set = train_set.take(np.tile(np.arange(len(train_set)), -(-min_images // len(train_set))))
     model = copy.deepcopy(base).to(device)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -260,7 +265,8 @@ def choose_epoch(base: nn.Module, architecture: str, labelled: ImageSet, t: Trai
     for fold, (train_idx, val_idx) in enumerate(folds.split(np.zeros(len(labels)), labels, groups)):
         _, history = finetune(base, architecture, labelled.take(train_idx), t, a.head_epochs,
                               a.unfreeze_fraction, t.epochs, seed + fold, mean, std, device,
-                              val_set=labelled.take(val_idx), eval_batch=params.evaluate.batch_size)
+                              val_set=labelled.take(val_idx), eval_batch=params.evaluate.batch_size,
+                              min_images=a.min_epoch_images)
         log.info("cross-validation fold %d: validation macro-F1 by epoch %s", fold,
                  [round(e.f1_macro, 3) for e in history])
         for epoch, e in enumerate(history, 1):
@@ -317,7 +323,8 @@ def adapt(base_model: nn.Module, base_config: dict[str, Any], data: ImageSet, pe
         epoch, cv, oof_logits = choose_epoch(adapted, arch, labelled, t, params, seed, mean, std,
                                              device)
         adapted, _ = finetune(adapted, arch, labelled, t, params.adapt.head_epochs,
-                              params.adapt.unfreeze_fraction, epoch, seed, mean, std, device)
+                              params.adapt.unfreeze_fraction, epoch, seed, mean, std, device,
+                              min_images=params.adapt.min_epoch_images)
         y = labelled.labels.numpy()
         config["temperature"] = round(calibration.fit_temperature(oof_logits, y), 6)
         config["conformal"] = conformal.calibrate(
@@ -332,6 +339,7 @@ def adapt(base_model: nn.Module, base_config: dict[str, Any], data: ImageSet, pe
         "epochs_max": params.adapt.head_epochs + params.adapt.body_epochs if per_class else 0,
         "adapt_images": len(labelled), "adapt_cells": len(set(labelled.groups)),
         "test_images": len(test), "test_cells": len(set(test.groups)),
+        "cv_f1_macro": float(cv[cv["epoch"] == epoch]["val_f1_macro"].mean()) if epoch else None,
         "temperature": config.get("temperature", 1.0), "seconds": round(seconds, 1),
         **{k: v for k, v in mine.items() if k != "probabilities"},
         "zero_shot": {k: v for k, v in zero_shot.items() if k not in ("probabilities", "sets")},

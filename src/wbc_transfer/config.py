@@ -248,11 +248,12 @@ class AdaptParams:
     head_epochs: int = 3  # the new head alone first
     body_epochs: int = 6  # then the head and the last blocks
     unfreeze_fraction: float = 0.3  # last blocks: trailing parameters holding this share of weights
-    lr: float = 3e-4  # last blocks (AdamW, cosine decay)
+    lr: float = 1e-3  # last blocks (AdamW, cosine decay)
     head_lr_factor: float = 10.0  # the head learns this many times faster
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     batch_size: int = 16
+    min_epoch_images: int = 64  # an epoch repeats the labelled images to at least this many
     rotation_deg: float = 180.0  # strong augmentation: a cell has no up
     translate_px: int = 20  # at train.reference_size
     colour_jitter: float = 0.2
