@@ -27,6 +27,7 @@ from conftest import REPO_ROOT, terminate_when
 
 PBC = (REPO_ROOT / ".." / "shared" / "data" / "external" / "pbc").resolve()
 FAST = {"adapt.head_epochs": 1, "adapt.body_epochs": 1, "adapt.folds": 2, "adapt.batch_size": 4,
+        "adapt.min_epoch_images": 8,
         "compare.bootstrap": 20, "adapt.labs": {}}
 
 
