@@ -31,7 +31,9 @@ EXERCISED = {
     "wbc-transfer predict path/to/cells/ -o predictions.csv":
         ("tests/test_predict.py", '"-o", str(output)'),  # a folder, CSV to a file
     "wbc-transfer fetch-weights": ("tests/test_weights.py", '"fetch-weights"'),
-    "wbc-transfer app": ("tests/test_app.py", 'main(["app"'),  # the CLI; the page itself in a browser
+    "wbc-transfer app": ("tests/test_app.py", 'main(["app"'),
+    "wbc-transfer adapt path/to/lab --lab mylab --per-class 25":
+        ("tests/test_adapt.py", '"adapt", str(folder), "--lab", "stopped", "--per-class"'),
 }
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from wbc_transfer import cli, tracking
+from wbc_transfer import cli, engine, tracking
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.stages import evaluate, prepare, train
 
@@ -93,14 +93,14 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
     """Ctrl-C (a real SIGINT to this process) during the first epoch, through the CLI: no
     checkpoint exists yet, and the rerun still continues the FAILED run."""
     params = run_params(tmp_path, prepared)
-    original = train.train_one_epoch
+    original = engine.train_one_epoch  # the epoch step of engine.fit, the stage's loop
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler raises here
         pytest.fail("SIGINT did not interrupt")
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     assert cli.main(cli_args(params, "train", 6)) == 128 + signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     checkpoint = params.resolve(params.train.checkpoint_dir) / f"{ARCH}-paper-6" / "last.pt"
@@ -108,7 +108,7 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
     [killed] = stage_runs(params, f"train@{ARCH}-paper-6")
     assert killed.info.status == "FAILED"
 
-    monkeypatch.setattr(train, "train_one_epoch", original)
+    monkeypatch.setattr(engine, "train_one_epoch", original)
     assert cli.main(cli_args(params, "train", 6)) == 0
     [run] = stage_runs(params, f"train@{ARCH}-paper-6")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from wbc_transfer.config import ConfigError, load_params
 
 STAGES = ("validate", "groups", "split", "prepare", "external", "weights", "train", "evaluate",
-          "compare", "promote", "tune")
+          "compare", "promote", "tune", "adapt")
 COMMAND_MODULES = {"check-weights": "weights"}  # sub-command -> stages/<module>.py when they differ
 
 
@@ -97,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
                         "the port is taken")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    adapt = sub.add_parser("adapt", help="adapt the champion (or --model) to a new lab's labelled "
+                           "cells and register it as wbc-classifier@lab-<NAME> (stage adapt@<lab>)")
+    adapt.add_argument("folder", metavar="FOLDER", nargs="?", default=None,
+                       help="the lab's images: <CLASS>/ sub-folders, or the folder of --manifest's "
+                       "files (default: adapt.labs.<NAME>.root, as the stage adapt@<NAME> runs)")
+    adapt.add_argument("--lab", required=True, help="the lab's name (alias lab-<NAME>)")
+    adapt.add_argument("--per-class", type=int, default=None, metavar="K",
+                       help="labelled cells per class to adapt on (0: BatchNorm statistics only); "
+                       "the rest of the folder is the lab's test (default: adapt.labs.<NAME>)")
+    adapt.add_argument("--model", default=None, help="base model URI (default: adapt.model, the "
+                       "champion)")
+    adapt.add_argument("--manifest", default=None, help="CSV in FOLDER: path,label[,group]")
+    adapt.add_argument("--seed", type=int, default=None, help="split and training seed (default: "
+                       "adapt.seed)")
+    adapt.add_argument("--replace", action="store_true", help="move an existing lab-<NAME> alias "
+                       "of an earlier adaptation to this lab to the new version")
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
     from wbc_transfer.predict import add_arguments as predict_arguments
@@ -155,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 module.list_sets(params)
             else:
                 module.main(params, name=args.name)
+        elif args.command == "adapt":
+            module.from_cli(params, args.folder, args.lab, args.per_class, args.model,
+                            args.manifest, args.seed, args.replace)
         elif args.command == "tune":
             module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply)
         else:

@@ -223,6 +223,54 @@ class TuneParams:
 
 
 @dataclass(frozen=True)
+class AdaptLabParams:
+    """One lab to adapt the champion to (stage `adapt@<lab>`): its labelled folder (class
+    sub-folders, or root plus a manifest CSV path,label[,group]) and K, the labelled cells per
+    class to adapt on (the rest is that lab's test)."""
+
+    root: str = ""
+    manifest: str | None = None  # relative to root
+    per_class: int = 25
+
+
+@dataclass(frozen=True)
+class AdaptCurveParams:
+    """The learning curve (bench/bench_adapt.py): K x seeds per lab."""
+
+    per_class: tuple[int, ...] = (0, 5, 10, 25, 50)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    out_dir: str = "results/adapt/curve"
+
+
+@dataclass(frozen=True)
+class AdaptParams:
+    """`wbc-transfer adapt` (wbc_transfer.adapt): the few-label recipe and the registry entry."""
+
+    model: str = "models:/wbc-classifier@champion"  # the base model (a pyfunc URI)
+    seed: int = 42  # split of the lab's cells and training seed
+    folds: int = 3  # cross-validation folds inside the K labelled cells: choose the epoch
+    head_epochs: int = 3  # the new head alone first
+    body_epochs: int = 6  # then the head and the last blocks
+    unfreeze_fraction: float = 0.3  # last blocks: trailing parameters holding this share of weights
+    lr: float = 1e-3  # last blocks (AdamW, cosine decay)
+    head_lr_factor: float = 10.0  # the head learns this many times faster
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    batch_size: int = 16
+    min_epoch_images: int = 64  # an epoch repeats the labelled images to at least this many
+    rotation_deg: float = 180.0  # strong augmentation: a cell has no up
+    translate_px: int = 20  # at train.reference_size
+    colour_jitter: float = 0.2
+    hed_jitter: float = 0.05
+    scale: tuple[float, ...] = (0.9, 1.1)
+    sets: float = 0.9  # confidence level of the prediction sets measured on the lab's test
+    alias_prefix: str = "lab-"  # registry alias of an adapted model: <prefix><lab>
+    out_dir: str = "results/adapt"
+    labs: dict[str, AdaptLabParams] = field(default_factory=dict)
+    curve: AdaptCurveParams = field(default_factory=AdaptCurveParams)
+
+
+@dataclass(frozen=True)
 class Params:
     root: Path
     base: BaseParams = field(default_factory=BaseParams)
@@ -238,6 +286,7 @@ class Params:
     tune: TuneParams = field(default_factory=TuneParams)
     # name -> external test set (wbc_transfer.external); evaluate scores every model on each
     external: dict[str, ExternalSetParams] = field(default_factory=dict)
+    adapt: AdaptParams = field(default_factory=AdaptParams)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
@@ -510,6 +559,7 @@ def check(params: Params) -> None:
         problems.append(f"compare.confidence must be in (0, 1), got {params.compare.confidence}")
     problems.extend(check_tune(params.tune))
     problems.extend(check_external(params.external))
+    problems.extend(check_adapt(params.adapt))
     if problems:
         raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
 
@@ -536,6 +586,32 @@ def check_view(prepare: PrepareParams) -> list[str]:
         problems.append(f"prepare.view must be one of {list(VIEWS)}, got {prepare.view!r}")
     if not 0 < prepare.cell_fraction <= 1:
         problems.append(f"prepare.cell_fraction must be in (0, 1], got {prepare.cell_fraction}")
+    return problems
+
+
+def check_adapt(a: AdaptParams) -> list[str]:
+    """Problems of the `adapt` section, each naming its parameter (empty: fine)."""
+    problems: list[str] = []
+    if a.folds < 2:
+        problems.append(f"adapt.folds must be >= 2, got {a.folds}")
+    if a.head_epochs < 0 or a.body_epochs < 0 or a.head_epochs + a.body_epochs < 1:
+        problems.append("adapt.head_epochs and adapt.body_epochs must be >= 0, with at least one "
+                        f"epoch in all (got {a.head_epochs}, {a.body_epochs})")
+    if not 0 <= a.unfreeze_fraction <= 1:
+        problems.append(f"adapt.unfreeze_fraction must be in [0, 1], got {a.unfreeze_fraction}")
+    if not 0 < a.sets < 1:
+        problems.append(f"adapt.sets must be in (0, 1), got {a.sets}")
+    if a.batch_size < 2:
+        problems.append(f"adapt.batch_size must be >= 2 (BatchNorm), got {a.batch_size}")
+    for name, lab in a.labs.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
+            problems.append(f"adapt.labs.{name}: a lab name must be letters, digits, _ or -")
+        if not lab.root:
+            problems.append(f"adapt.labs.{name}.root must name the lab's folder")
+        if lab.per_class < 0:
+            problems.append(f"adapt.labs.{name}.per_class must be >= 0, got {lab.per_class}")
+    if any(k < 0 for k in a.curve.per_class) or not a.curve.seeds:
+        problems.append("adapt.curve.per_class must be >= 0 and adapt.curve.seeds not empty")
     return problems
 
 

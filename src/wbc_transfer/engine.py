@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batches, normalise
+from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, batches, normalise
 from wbc_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,53 @@ def train_one_epoch(
             model.train()
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1),
                       time.perf_counter() - started, seen)
+
+
+def fit(
+    model: nn.Module,
+    data: ImageSet,
+    optimizer: torch.optim.Optimizer,
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    start_epoch: int = 0,
+    amp: torch.dtype | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    progress: tqdm | None = None,
+    every: int = 0,
+    on_every: Callable[[int], None] | None = None,
+    before_epoch: Callable[[int], bool] | None = None,
+    after_epoch: Callable[[int, EpochStats], None] | None = None,
+) -> int:
+    """Train `model` on `data` for epochs `start_epoch` .. `epochs` - 1 (0-based), one
+    `train_one_epoch` each; returns the number of epochs run in this call.
+
+    Before epoch e the RNGs are reseeded with seed * 1000 + e (torch's global RNG for the
+    augmentation, a generator for the batch order), so a resumed or repeated run draws the same
+    batches and augmentations. `before_epoch(e)` may return False to stop before epoch e (early
+    stopping); `after_epoch(e, stats)` sees each finished epoch (validation, checkpoints,
+    logging). The one training loop of the train stage and `wbc_transfer.adapt`."""
+    iterations_per_epoch = batch_count(len(data), batch_size, MIN_TRAIN_BATCH)
+    ran = 0
+    for epoch in range(start_epoch, epochs):
+        if before_epoch is not None and before_epoch(epoch) is False:
+            break
+        torch.manual_seed(seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        stats = train_one_epoch(
+            model, data, optimizer, augment, mean, std, device, batch_size, generator, progress,
+            every=every, on_every=on_every, start_iteration=epoch * iterations_per_epoch, amp=amp,
+            loss_fn=loss_fn, scheduler=scheduler,
+        )
+        ran += 1
+        if after_epoch is not None:
+            after_epoch(epoch, stats)
+    return ran
 
 
 @dataclass

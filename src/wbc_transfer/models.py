@@ -331,6 +331,14 @@ def cam_layer(name: str, model: nn.Module) -> nn.Module:
     return _get(network, REGISTRY[name].cam_layer)
 
 
+def head_of(name: str, model: nn.Module) -> nn.Module:
+    """The classification head (the Linear layer `build` put in) of `model`, built as
+    architecture `name`, also behind a stain-normalisation input layer. KeyError if unknown."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(REGISTRY)}")
+    return _get(getattr(model, "net", model), REGISTRY[name].head_path)
+
+
 def rebuild(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     """A trained network in eval mode from its config (a training run.json or the pyfunc
     config: architecture, classes, image_size, mean, std, and the robustness options

@@ -2,10 +2,11 @@
 
 One output row per image: ``path, predicted, confidence, p_<class>..., review, note, error``
 (``confidence``: the temperature-calibrated top probability; ``review``: true when it is below
-``--review-below``), plus ``explanation`` (the Grad-CAM overlay PNG written under
-``--explain DIR``), as CSV or JSON lines, to stdout or a file. Files go through the model in
-batches (``--batch-size``) and the very same pyfunc that `mlflow models serve` runs, so the
-command line and HTTP answer alike.
+``--review-below``; ``set``: with ``--sets P``, the classes of the split-conformal prediction
+set that holds the true class for a share P of images, for models adapted to a lab), plus
+``explanation`` (the Grad-CAM overlay PNG written under ``--explain DIR``), as CSV or JSON
+lines, to stdout or a file. Files go through the model in batches (``--batch-size``) and the
+very same pyfunc that `mlflow models serve` runs, so the command line and HTTP answer alike.
 
 A file that cannot be classified (missing, unreadable, empty, truncated, not an image, absurdly
 large) gets a row with its ``error`` and the others are still classified; conversions that were
@@ -228,6 +229,22 @@ def format_of(model) -> int:
     return int((model.metadata.metadata or {}).get(MARKER_KEY, 0))
 
 
+SETS_FORMAT = 4  # the first pyfunc format with the `sets` param (serving.FORMAT_VERSION)
+
+
+def sets_problem(model, uri: str) -> str:
+    """Why `--sets` cannot be answered by `model` ('' when it can): an older format (its own
+    logged code would drop the param silently) or no conformal calibration in its config."""
+    if (found := format_of(model)) < SETS_FORMAT:
+        return (f"{uri} is a format-{found} model, older than prediction sets (format "
+                f"{SETS_FORMAT}); re-register it (`dvc repro promote`), or leave out --sets")
+    if not (model.metadata.metadata or {}).get("conformal"):
+        return (f"{uri} has no conformal calibration for --sets: adapt it to your lab with "
+                "labelled cells (`wbc-transfer adapt FOLDER --lab NAME --per-class K`, K >= 2) "
+                "and use models:/wbc-classifier@lab-NAME")
+    return ""
+
+
 def classes_of(model) -> list[str]:
     return list(model.metadata.metadata["classes"])
 
@@ -236,10 +253,10 @@ def classes_of(model) -> list[str]:
 # prediction
 
 
-def columns(classes: Sequence[str], explain: bool = False) -> list[str]:
+def columns(classes: Sequence[str], explain: bool = False, sets: bool = False) -> list[str]:
     from wbc_transfer.serving import output_columns
 
-    return ["path", *output_columns(classes), *(["explanation"] if explain else [])]
+    return ["path", *output_columns(classes, sets), *(["explanation"] if explain else [])]
 
 
 def explanation_file(folder: Path, index: int, path: str) -> Path:
@@ -251,19 +268,20 @@ def explanation_file(folder: Path, index: int, path: str) -> Path:
 
 def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool = False,
                   progress: bool = False, review_below: float = 0.0,
-                  explain_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+                  explain_dir: Path | None = None, sets: float = 0.0) -> Iterator[dict[str, Any]]:
     """Rows (dicts, in input order), one per item, computed `batch_size` files at a time.
 
     `review_below`: rows whose calibrated confidence is below it get review = true.
     `explain_dir`: a Grad-CAM overlay PNG per classified image is written there (named by
-    `explanation_file`) and its path put in the row's `explanation`; error rows get none."""
+    `explanation_file`) and its path put in the row's `explanation`; error rows get none.
+    `sets`: each classified row gets `set`, its prediction set at that confidence level."""
     import pandas as pd
     from tqdm import tqdm
 
     from wbc_transfer.explain import save_overlay
     from wbc_transfer.images import ImageError, read_file
 
-    cols = columns(classes_of(model), explain_dir is not None)
+    cols = columns(classes_of(model), explain_dir is not None, bool(sets))
     bar = tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr,
                disable=not progress, mininterval=0.5, smoothing=0.1)
     try:
@@ -287,10 +305,10 @@ def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool 
                     if explain_dir is None:
                         out = model.predict(pd.DataFrame({"image": data}),
                                             params={"tta": tta, "batch_size": batch_size,
-                                                    "review_below": review_below})
+                                                    "review_below": review_below, "sets": sets})
                     else:  # the same rows, from the pyfunc's classifier, with Grad-CAM maps
                         out, maps = model.unwrap_python_model().classifier.classify_bytes(
-                            data, tta, batch_size, review_below, explain=True)
+                            data, tta, batch_size, review_below, explain=True, sets=sets)
                     for k, (i, record) in enumerate(zip(todo, out.to_dict(orient="records"),
                                                         strict=True)):
                         rows[i].update({key: v for key, v in record.items() if key in rows[i]})
@@ -316,8 +334,10 @@ class Writer:
             self.csv.writeheader()
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.fmt == "csv":
-            self.csv.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.cols})
+        if self.fmt == "csv":  # a list (the prediction set) as its items joined by "|"
+            self.csv.writerow({k: "" if row.get(k) is None else
+                               "|".join(row[k]) if isinstance(row[k], list) else row[k]
+                               for k in self.cols})
         else:
             self.stream.write(json.dumps({k: row.get(k) for k in self.cols}) + "\n")
 
@@ -336,6 +356,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--review-below", type=float, default=0.0, metavar="P",
                    help="flag rows whose calibrated confidence is below P (0-1) for human "
                         "review: column `review` (default 0: none)")
+    p.add_argument("--sets", type=float, default=0.0, metavar="P",
+                   help="add column `set`: the split-conformal prediction set that holds the true "
+                        "class for a share P (e.g. 0.90) of images (models adapted with "
+                        "`wbc-transfer adapt`, calibrated on the lab's labelled cells; CSV: "
+                        "classes joined by |)")
     p.add_argument("--explain", default=None, metavar="DIR",
                    help="write a Grad-CAM overlay PNG per classified image into DIR "
                         "(column `explanation`)")
@@ -354,6 +379,10 @@ def main(args: argparse.Namespace) -> int:
     if not 0.0 <= args.review_below <= 1.0:
         print(f"wbc-transfer predict: --review-below must be between 0 and 1, got "
               f"{args.review_below}", file=sys.stderr)
+        return 2
+    if args.sets and not 0.0 < args.sets < 1.0:
+        print(f"wbc-transfer predict: --sets must be a confidence level between 0 and 1 (e.g. "
+              f"0.90), got {args.sets}", file=sys.stderr)
         return 2
     explain_dir = Path(args.explain) if args.explain else None
     fmt = args.format or ("jsonl" if args.output and args.output.endswith((".jsonl", ".json"))
@@ -375,14 +404,20 @@ def main(args: argparse.Namespace) -> int:
               f"flag and temperature (format {REVIEW_FORMAT}); re-register it with `dvc repro "
               "promote` (or `wbc-transfer promote`), or leave out --review-below", file=sys.stderr)
         return 2
+    if args.sets:
+        problem = sets_problem(model, args.model)
+        if problem:
+            print(f"wbc-transfer predict: {problem}", file=sys.stderr)
+            return 2
     loaded = time.perf_counter()
     stream = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     n_ok = n_err = 0
     try:
-        writer = Writer(stream, fmt, columns(classes_of(model), explain_dir is not None))
+        writer = Writer(stream, fmt, columns(classes_of(model), explain_dir is not None,
+                                             bool(args.sets)))
         progress = not args.quiet and len(items) > args.batch_size
         for row in predict_items(model, items, args.batch_size, args.tta, progress,
-                                 args.review_below, explain_dir):
+                                 args.review_below, explain_dir, args.sets):
             writer.write(row)
             if row["error"]:
                 n_err += 1

@@ -31,6 +31,7 @@ class WBCClassifier(PythonModel):
             input_values(model_input), tta=bool(params.get("tta", False)),
             batch_size=max(1, int(params.get("batch_size", 32))),
             review_below=float(params.get("review_below", 0.0) or 0.0),
+            sets=float(params.get("sets", 0.0) or 0.0),
         )
 
 

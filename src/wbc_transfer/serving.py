@@ -8,7 +8,9 @@ and two artifacts travel with it:
   (tensors only; no pickled classes are ever rebuilt);
 - ``config.json``: architecture, image_size, mean, std, classes, temperature (the scalar fitted
   on the validation cells at training time; probabilities are softmax(logits / temperature)), and
-  the robustness options stain_norm, norm_layer (their statistics are buffers in the weights).
+  the robustness options stain_norm, norm_layer (their statistics are buffers in the weights),
+  and for a model adapted to a lab (`wbc-transfer adapt`) its split-conformal calibration
+  ``conformal`` (wbc_transfer.conformal). Any other key of the config travels with it.
 
 The network is rebuilt from code with ``wbc_transfer.models.rebuild(config, state)``, so
 the serving environment needs this package installed (``--env-manager local``).
@@ -20,11 +22,12 @@ the base64 of the whole batch itself and answers 400 for all of it when one row 
 base64; here each row is decoded on its own. Output: one row per input row with
 ``predicted``, ``confidence`` (calibrated top probability), ``p_<class>`` for every class,
 ``review`` (true when the confidence is below the ``review_below`` param: send to a person),
-``note`` (what was converted, e.g.
-EXIF orientation applied, grayscale to RGB) and ``error`` (why the row could not be classified,
-e.g. not valid base64); a bad row never fails the batch. Decoding is `wbc_transfer.images`, the
-decoder of every pipeline stage. Params: ``tta`` (horizontal-flip average), ``batch_size``,
-``review_below`` (0: nothing flagged).
+``set`` (only with the ``sets`` param, a confidence level such as 0.9: the list of classes of the
+image's split-conformal prediction set; models without a calibration refuse it), ``note``
+(what was converted, e.g. EXIF orientation applied, grayscale to RGB) and ``error`` (why the
+row could not be classified, e.g. not valid base64); a bad row never fails the batch. Decoding
+is `wbc_transfer.images`, the decoder of every pipeline stage. Params: ``tta`` (horizontal-flip
+average), ``batch_size``, ``review_below`` (0: nothing flagged), ``sets`` (0: no `set` column).
 
 Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
 does: the artifact store must be as trusted as the code it holds), reads MLmodel/JSON and
@@ -61,14 +64,15 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "classifier"  # the logged model's name in the winning run
 MARKER_KEY = "wbc_transfer_pyfunc"  # MLmodel metadata key that identifies this format
-FORMAT_VERSION = 3  # 3: temperature + `review` column; 2: input column `string`, was `binary`
+FORMAT_VERSION = 4  # 4: param `sets` + `set` column; 3: temperature + `review`; 2: input `string`
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_COLUMN = "image"
 
 CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 OPTIONAL_CONFIG = {"temperature": 1.0}  # older models: uncalibrated
-# robustness options (wbc_transfer.robustness): kept when present; absent = none / batchnorm
-OPTIONAL_CONFIG_KEYS = ("stain_norm", "norm_layer")
+# robustness options (wbc_transfer.robustness): kept when present; absent = none / batchnorm;
+# `conformal`: the prediction-set calibration of an adapted model (wbc_transfer.conformal)
+OPTIONAL_CONFIG_KEYS = ("stain_norm", "norm_layer", "conformal")
 # the network's view (wbc_transfer.cells.model_view): kept when present; absent = the whole image
 VIEW_CONFIG_KEYS = ("view", "cell_fraction")
 
@@ -195,16 +199,31 @@ class Classifier:
         return probs, cams
 
     def predict_bytes(self, values: Iterable[Any], tta: bool = False, batch_size: int = 32,
-                      review_below: float = 0.0) -> pd.DataFrame:
+                      review_below: float = 0.0, sets: float = 0.0) -> pd.DataFrame:
         """One output row per input value; undecodable inputs get an `error`, never raise.
-        `review` is true where the calibrated confidence is below `review_below`."""
-        return self.classify_bytes(values, tta, batch_size, review_below)[0]
+        `review` is true where the calibrated confidence is below `review_below`; with `sets`
+        (a confidence level in (0, 1)) a `set` column lists the classes of each image's
+        split-conformal prediction set (`wbc_transfer.conformal`). Raises NoCalibrationError
+        when sets are asked of a model without a conformal calibration."""
+        return self.classify_bytes(values, tta, batch_size, review_below, sets=sets)[0]
+
+    def check_sets(self, sets: float) -> None:
+        """Raise (NoCalibrationError, ValueError) unless prediction sets at `sets` can be made."""
+        from wbc_transfer import conformal
+
+        if sets:
+            conformal.prediction_sets(np.full((1, len(self.classes)), 1 / len(self.classes)),
+                                      self.config.get("conformal"), sets)
 
     def classify_bytes(self, values: Iterable[Any], tta: bool = False, batch_size: int = 32,
-                       review_below: float = 0.0, explain: bool = False,
+                       review_below: float = 0.0, explain: bool = False, sets: float = 0.0,
                        ) -> tuple[pd.DataFrame, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """`predict_bytes`'s rows and, with `explain`, row index -> (the uint8 3 x S x S image
         the network saw, its Grad-CAM map S x S) for every classified row."""
+        from wbc_transfer import conformal
+
+        self.check_sets(sets)
+        columns = output_columns(self.classes, bool(sets))
         rows: list[dict[str, Any]] = []
         pending: list[tuple[int, torch.Tensor]] = []
         maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -224,16 +243,20 @@ class Classifier:
                 for i, _ in pending:
                     rows[i].update(error=f"inference failed: {type(exc).__name__}: {exc}")
             else:
-                for (i, _), p in zip(pending, probs, strict=True):
+                members = (conformal.prediction_sets(probs, self.config["conformal"], sets)
+                           if sets else [None] * len(probs))
+                for (i, _), p, inside in zip(pending, probs, members, strict=True):
                     best = int(p.argmax())
                     rows[i].update(predicted=self.classes[best], confidence=float(p[best]),
                                    review=bool(p[best] < review_below),
                                    **{f"p_{c}": float(v) for c, v in zip(self.classes, p,
                                                                          strict=True)})
+                    if sets:
+                        rows[i]["set"] = [c for c, k in zip(self.classes, inside, strict=True) if k]
             pending.clear()
 
         for value in values:
-            row: dict[str, Any] = dict.fromkeys(self.columns)
+            row: dict[str, Any] = dict.fromkeys(columns)
             row.update(note="", error="")
             rows.append(row)
             try:
@@ -248,12 +271,14 @@ class Classifier:
             if len(pending) >= batch_size:
                 flush()
         flush()
-        frame = pd.DataFrame(rows, columns=self.columns).astype(object)
+        frame = pd.DataFrame(rows, columns=columns).astype(object)
         return frame.where(frame.notna(), None), maps  # JSON null, not NaN, for failed rows
 
 
-def output_columns(classes: Sequence[str]) -> list[str]:
-    return ["predicted", "confidence", *[f"p_{c}" for c in classes], "review", "note", "error"]
+def output_columns(classes: Sequence[str], sets: bool = False) -> list[str]:
+    """The pyfunc's output columns; `set` (a list of class names) only when sets are asked."""
+    return ["predicted", "confidence", *[f"p_{c}" for c in classes], "review",
+            *(["set"] if sets else []), "note", "error"]
 
 
 def input_values(frame: pd.DataFrame | Any) -> list[Any]:
@@ -282,7 +307,8 @@ def signature():
         inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
         params=ParamSchema([ParamSpec("tta", DataType.boolean, False),
                             ParamSpec("batch_size", DataType.long, 32),
-                            ParamSpec("review_below", DataType.double, 0.0)]),
+                            ParamSpec("review_below", DataType.double, 0.0),
+                            ParamSpec("sets", DataType.double, 0.0)]),
     )
 
 
@@ -290,7 +316,8 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "kornia", "scikit-image",
+    for package in ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "kornia", "crepes",
+                    "scikit-image",
                     "efficientnet-lite-pytorch", "wbc-transfer"):
         try:
             out.append(f"{package}=={version(package)}")
@@ -324,9 +351,11 @@ def log_classifier(weights: str | Path, config: dict[str, Any], name: str = ARTI
     """Log the pyfunc into the active run; returns MLflow's ModelInfo."""
     import mlflow
 
-    config = {**{k: config[k] for k in CONFIG_KEYS},
-              **{k: config.get(k, v) for k, v in OPTIONAL_CONFIG.items()},
-              **{k: config[k] for k in OPTIONAL_CONFIG_KEYS + VIEW_CONFIG_KEYS if k in config}}
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"classifier config lacks {missing}")
+    # the whole config travels (preprocessing keys included), the required keys first
+    config = {**{k: config[k] for k in CONFIG_KEYS}, **OPTIONAL_CONFIG, **config}
     digest = file_sha256(weights)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet stage logs
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -17,13 +17,14 @@ from wbc_transfer.config import Params, train_params_for
 from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import (
     Checkpoint,
+    EpochStats,
     amp_dtype,
     configure_torch,
     evaluate,
+    fit,
     pick_device,
     place_model,
     seed_everything,
-    train_one_epoch,
 )
 from wbc_transfer.io import write_csv, write_json, write_torch
 from wbc_transfer.plots import training_curves
@@ -127,22 +128,17 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
         progress = tqdm(total=t.epochs * iterations_per_epoch,
                         initial=start_epoch * iterations_per_epoch, unit="batch",
                         desc=name, mininterval=1)
-        for epoch in range(start_epoch, t.epochs):
+        def before_epoch(epoch: int) -> bool:
             if t.patience and epoch - int(best["epoch"]) >= t.patience:
                 progress.write(f"{name}: early stop after epoch {epoch}: no better validation "
                                f"macro-F1 since epoch {best['epoch']}")
-                break
-            # Reseeding per epoch makes a resumed run draw the same batches and augmentations.
-            torch.manual_seed(seed * 1000 + epoch)
-            generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+                return False
             progress.set_description(f"{name} epoch {epoch + 1}/{t.epochs}")
             mlflow.log_metric("torch_threads", policy.rebalance(), step=epoch + 1)
-            stats = train_one_epoch(
-                model, train_set, optimizer, augment, built.mean, built.std, device,
-                t.batch_size, generator, progress, every=t.validate_every,
-                on_every=validate_now, start_iteration=epoch * iterations_per_epoch, amp=amp,
-                loss_fn=loss_fn, scheduler=scheduler,
-            )
+            return True
+
+        def after_epoch(epoch: int, stats: EpochStats) -> None:
+            nonlocal best
             val = evaluate(model, val_set, built.mean, built.std, device,
                            params.evaluate.batch_size, amp, tta=tta)
             row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -160,6 +156,12 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
             progress.write(f"{name} epoch {epoch + 1}: train loss {stats.loss:.3f} "
                            f"acc {stats.accuracy:.3f} | val loss {val.loss:.3f} "
                            f"acc {val.accuracy:.3f} F1 {val.f1_macro:.3f}")
+
+        # reseeded per epoch (engine.fit): a resumed run draws the same batches and augmentations
+        fit(model, train_set, optimizer, augment, built.mean, built.std, device, t.batch_size,
+            t.epochs, seed, start_epoch=start_epoch, amp=amp, loss_fn=loss_fn, scheduler=scheduler,
+            progress=progress, every=t.validate_every, on_every=validate_now,
+            before_epoch=before_epoch, after_epoch=after_epoch)
         progress.close()
 
         kept_epoch = len(history)
