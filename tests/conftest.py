@@ -176,6 +176,7 @@ def write_params(repo: Path, data_root: Path | str, **overrides: Any) -> Path:
     raw["groups"].update(MINI_GROUPS)
     raw["train"]["overrides"] = {}  # the quick run's per-architecture settings: not for tests
     raw["external"] = {}  # other labs' sets (tecom.dvc): only where a test asks for one
+    raw["adapt"]["labs"] = {}  # and the labs of the adapt@<lab> stages
     for key, value in overrides.items():
         _set(raw, key.replace("__", "."), value)
     repo.mkdir(parents=True, exist_ok=True)

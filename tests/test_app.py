@@ -104,9 +104,14 @@ def test_model_list_and_card_are_read_from_the_registry_and_run(champion):
         choices = client.get("/api/models").json()["choices"]
         card = client.get("/api/card", params={"uri": MODEL_URI}).json()
         missing = client.get("/api/card", params={"uri": f"models:/{MODEL_NAME}@nobody"})
-    assert [c["uri"] for c in choices] == [MODEL_URI, f"models:/{MODEL_NAME}@lab-pbc",
-                                           f"models:/{MODEL_NAME}/{champion.version}"]
-    assert card["version"] == champion.version and card["aliases"] == ["champion", "lab-pbc"]
+    # the store is shared with other test modules (tests/champion_helpers.py), which may have
+    # registered more versions and aliases: the champion first, aliases before versions
+    uris = [c["uri"] for c in choices]
+    assert uris[0] == MODEL_URI
+    assert {f"models:/{MODEL_NAME}@lab-pbc", f"models:/{MODEL_NAME}/{champion.version}"} <= set(uris)
+    kinds = ["@" in u for u in uris]
+    assert kinds == sorted(kinds, reverse=True)
+    assert card["version"] == champion.version and card["aliases"][:2] == ["champion", "lab-pbc"]
     assert card["trained_on"]["architecture"] == "efficientnet_lite0"
     assert card["trained_on"]["temperature"] == "1.16"
     assert card["review_threshold"] == pytest.approx(0.9)

@@ -142,3 +142,11 @@ def test_view_parameters_are_checked() -> None:
     assert any("prepare.cell_fraction" in p and "1.5" in p for p in problems)
     with pytest.raises(ValueError, match="prepare.view"):
         model_view(torch.zeros((3, 8, 8), dtype=torch.uint8), 8, "crop")
+
+
+def test_evaluate_refuses_a_set_prepared_with_another_view() -> None:
+    from wbc_transfer.stages.evaluate import check_views
+
+    check_views("m", "cell", {"validation": "cell", "tecom": "cell"})
+    with pytest.raises(ValueError, match=r"prepare\.view.*tecom was prepared with 'full'"):
+        check_views("m", "cell", {"validation": "cell", "tecom": "full"})

@@ -129,13 +129,14 @@ def test_unknown_architectures_are_refused_before_any_stage(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"prepare.image_size": 48}, r"prepare\.image_size=48 is too small for alexnet: its input "
-                                 r"must be at least 63 px \(allowed: 63 and up"),
+    ({"prepare.image_size": 48, "train.architectures": ["alexnet", "efficientnet_lite0"]},
+     r"prepare\.image_size=48 is too small for alexnet: its input "
+     r"must be at least 63 px \(allowed: 63 and up"),
     ({"prepare.image_size": 62, "train.architectures": ["vgg16", "alexnet"]},
      r"prepare\.image_size=62 is too small for alexnet"),
     ({"train.input_size": 40, "train.architectures": ["alexnet"]},
      r"train\.input_size=40 is too small for alexnet"),
-    ({"train.overrides": {"alexnet": {"input_size": 32}}},
+    ({"train.overrides": {"alexnet": {"input_size": 32}}, "train.architectures": ["alexnet"]},
      r"train\.overrides\.alexnet\.input_size=32 is too small for alexnet"),
     ({"prepare.image_size": 16, "train.architectures": ["efficientnet_lite0"],
       "tune.architectures": ["vgg16"]}, r"prepare\.image_size=16 is too small for vgg16: .* 32 px"),

@@ -64,6 +64,7 @@ def lab_params(repo: Path, prepared: Path, lab: Path, **overrides) -> Params:
         "train.architectures": [ARCH], "train.protocols": ["paper"],
         "train.stain_norm": "lab", "train.norm_layer": "frozen",
         "compare.bootstrap": 20, "external": {"mylab": {"root": str(lab)}},
+        "prepare.view": "full",  # as conftest.prepare_tiny made the Kaggle sets
     }
     settings.update(overrides)
     return load_params(write_params(repo, "unused", **settings))
@@ -156,14 +157,14 @@ def _config(tmp: Path, info: dict) -> Path:
 
 def test_one_set_param_adds_a_lab_folder(tmp_path: Path):
     """`dvc exp run -S '++external.mylab.root=/data/mylab'` (DVC's own override code) adds a
-    set beside tecom, typed and checked by the loader."""
+    set beside tecom and pbc, typed and checked by the loader."""
     from dvc.utils.hydra import apply_overrides
 
     file = tmp_path / "params.yaml"
     shutil.copyfile(REPO_ROOT / "params.yaml", file)
     apply_overrides(file, ["++external.mylab.root=/data/mylab"])
     params = load_params(file)
-    assert set(params.external) == {"tecom", "mylab"}
+    assert set(params.external) == {"tecom", "pbc", "mylab"}
     assert params.external["mylab"].root == "/data/mylab"
     raw = yaml.safe_load(io.StringIO(file.read_text()))
     raw["external"]["TEST"] = {"root": "x"}

@@ -19,9 +19,9 @@ import pytest
 import torch
 from champion_helpers import exif_jpeg, png16_rgb, sixteen_bit_of, stored_pixels
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from wbc_transfer import images as decoder
+from wbc_transfer.cells import model_view
 from wbc_transfer.data import ImageSet, build_image_set
 from wbc_transfer.io import path_text, text_path
 from wbc_transfer.stages import groups as groups_stage
@@ -55,10 +55,11 @@ def rgb_of(file: Path) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
-def resized(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """What `prepare` should store for H x W x 3 uint8 pixels: torchvision's antialiased resize."""
+def resized(pixels: np.ndarray, prepare) -> torch.Tensor:
+    """What `prepare` should store for H x W x 3 uint8 pixels: the network's view of them
+    (prepare.view: torchvision's antialiased resize of the whole image, or the cell crop)."""
     chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
-    return TF.resize(chw, [size, size], antialias=True)
+    return model_view(chw, prepare.image_size, prepare.view, prepare.cell_fraction)[0]
 
 
 def pipeline(root: Path, make_params, policy: str = "lenient"):
@@ -91,8 +92,7 @@ def test_an_8bit_tiff_that_validate_accepts_is_prepared(root, source, make_param
     params, report = pipeline(root, make_params, policy="strict")
     assert report["problems"] == 0 and "TEST/MONOCYTE/cell.tif" in set(index_of(params)["path"])
     # prepare (torchvision's decoder before) crashed here with "Unsupported image file"
-    size = params.prepare.image_size
-    assert torch.equal(prepared(params, "TEST/MONOCYTE/cell.tif"), resized(rgb_of(source), size))
+    assert torch.equal(prepared(params, "TEST/MONOCYTE/cell.tif"), resized(rgb_of(source), params.prepare))
 
 
 def test_every_file_validate_accepts_every_stage_reads_alike(root, source, make_params):
@@ -108,10 +108,10 @@ def test_every_file_validate_accepts_every_stage_reads_alike(root, source, make_
     Image.fromarray(rgb).convert("L").save(images / "TEST/NEUTROPHIL/gray.png")  # refused
     params, _ = pipeline(root, make_params)
     index = index_of(params)
-    size = params.prepare.image_size
+    p = params.prepare
     for rel in index[index["folder"] == "TEST"]["path"]:
         pixels, _ = decoder.decode((images / rel).read_bytes())
-        expected = TF.resize(pixels, [size, size], antialias=True)
+        expected = model_view(pixels, p.image_size, p.view, p.cell_fraction)[0]
         assert torch.equal(prepared(params, rel), expected), rel
     assert {"TEST/EOSINOPHIL/cell.tif", "TEST/EOSINOPHIL/cell.bmp", "TEST/LYMPHOCYTE/cell.webp",
             "TEST/MONOCYTE/sixteen.png", "TEST/NEUTROPHIL/exif6.jpeg"} <= set(index["path"])
@@ -147,7 +147,7 @@ def test_16bit_rgb_png_is_scaled_not_wrapped_and_noted(root, source, make_params
     assert report["conversions"] == {note: 1}
     # prepare stored the 8-bit values (wrapped, every value would have been 200)
     assert torch.equal(prepared(params, "TEST/MONOCYTE/sixteen.png"),
-                       resized(rgb, params.prepare.image_size))
+                       resized(rgb, params.prepare))
 
 
 # --- item 3: hidden folders and files at any depth are not data ---------------------------------
@@ -235,7 +235,7 @@ def test_a_latin1_file_name_survives_validate_split_and_prepare(root, source, ma
     heldout = pd.read_csv(params.resolve(params.split.out_dir) / "heldout.csv")
     assert text in set(heldout["path"])
     assert os.fsencode(images / text_path(text)) == folder + b"/caf\xe9.jpeg"
-    assert torch.equal(prepared(params, text), resized(rgb_of(source), params.prepare.image_size))
+    assert torch.equal(prepared(params, text), resized(rgb_of(source), params.prepare))
     # the reports are valid UTF-8 and JSON too
     json.loads((params.resolve(params.validate.report_dir) / "report.json").read_bytes())
 
@@ -278,7 +278,7 @@ def test_exif_orientation_is_applied_and_noted(root, source, make_params):
     assert (row["width"], row["height"], row["note"]) == (240, 320, note)
     assert report["conversions"] == {note: 1}
     assert torch.equal(prepared(params, "TEST/EOSINOPHIL/phone.jpeg"),
-                       resized(upright, params.prepare.image_size))
+                       resized(upright, params.prepare))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -19,7 +19,8 @@ VENV_BIN = Path(sys.executable).parent
 EXTRA_FILES = ["dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config",
                ".dvc/.gitignore"]
 # dvc.lock records the real run on the full mirror; the copy starts without one
-SKIP_FILES = {"dvc.lock", "tecom.dvc"}  # tecom.dvc: its source ../shared/... is not beside the copy
+# the external sets (tecom.dvc, pbc.dvc): their source ../shared/... is not beside the copy
+SKIP_FILES = {"dvc.lock", "tecom.dvc", "pbc.dvc"}
 OUTPUTS = ["data/index.csv", "results/data/problems.csv", "results/data/report.json",
            "results/data/duplicates.csv",
            "results/data/image_sizes.csv", "data/groups.csv", "results/data/groups.json",
@@ -64,6 +65,7 @@ def repo_copy(tmp_path, mini_dataset) -> Path:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["root"] = "data/mini-blood-cells"
     params["external"] = {}  # tecom.dvc's source ../shared/... is not beside the copy
+    params["adapt"]["labs"] = {}  # nor pbc/tecom for the adapt@<lab> stages
     params["split"]["paper"].update(per_class=20)
     params["split"].update(val_per_class=3)
     params["split"]["heldout"].update(train_per_class=10)

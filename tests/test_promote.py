@@ -101,7 +101,9 @@ def experiment(repo, db, prepared, value: float, head_seed: int = 0):
     write_json(eval_dir / "metrics.json", {"weights_source": "none", "sets": {"validation": scores}})
     write_json(eval_dir / "run.json", {"run_id": run_id})
     (eval_dir / "predictions").mkdir()
-    pd.DataFrame({"path": val.paths, "actual": [val.classes[i] for i in val.labels]}).to_csv(
+    actual = [val.classes[i] for i in val.labels]
+    # compare reads the per-cell outcomes from predictions (the ranking itself is by f1_macro)
+    pd.DataFrame({"path": val.paths, "actual": actual, "predicted": actual}).to_csv(
         eval_dir / "predictions" / "validation.csv", index=False)
     return params
 

@@ -130,8 +130,8 @@ def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, cap
     for http, row in zip(served, cli, strict=False):
         assert http["error"] == "" and http["predicted"] == row["predicted"] in CLASSES
         assert sum(http[c] for c in PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
-        for c in PROB_COLUMNS:
-            assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
+        for c in PROB_COLUMNS:  # 1e-4: the LAB input layer's float32 sums differ by batch (1.2e-5 seen)
+            assert http[c] == pytest.approx(float(row[c]), abs=1e-4)
     bad = served[-1]
     assert "not an image" in bad["error"] and bad["predicted"] is None
     assert all(bad[c] is None for c in PROB_COLUMNS)
@@ -141,7 +141,7 @@ def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, cap
     cli_tta = cli_rows(files[:2], champion.tracking_uri, capsys, "--tta")
     for http, row in zip(served_tta, cli_tta, strict=True):
         for c in PROB_COLUMNS:
-            assert http[c] == pytest.approx(float(row[c]), abs=1e-5)
+            assert http[c] == pytest.approx(float(row[c]), abs=1e-4)
 
 
 def test_served_champion_applies_exif_orientation_and_scales_16_bit(mirror, server, tmp_path):

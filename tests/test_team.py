@@ -93,7 +93,8 @@ def team(tmp_path_factory: pytest.TempPathFactory, kaggle_copy, server) -> dict[
     # for the committed study's figures (tune/dvc.lock), which this tiny cache never had
     shutil.rmtree(repo / "tune")
     (repo / "data.dvc").unlink()
-    (repo / "tecom.dvc").unlink()  # the other lab's set: params `external` is empty here
+    (repo / "tecom.dvc").unlink()  # the other labs' sets: params `external` is empty here
+    (repo / "pbc.dvc").unlink()
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "OPTUNA_STORAGE",
                                                           "WBC_PROCESSES"}}
     env.update(MLFLOW_TRACKING_URI=str(server["url"]), WBC_TRAINERS_DIR=str(work / "trainers"),

@@ -265,7 +265,9 @@ def test_sigkill_mid_trial_then_rerun_fails_that_trial_and_runs_the_study_to_its
     RUNNING (its heartbeat was still fresh), the rerun waited ~50 s for "other workers" and
     exited 0 with 2 of 3 trials. Now the trial whose process is gone is failed at once and
     redone with the same params; the study ends with tune.trials finished trials."""
-    params = tune_params(tmp_path, tiny, **{"tune.epochs": 2})
+    # 8 epochs: a trial lasts seconds, so the 0.5 s poll sees trial 1 RUNNING (with 2 epochs a
+    # quiet machine finished it in 0.8 s, unseen)
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 8})
     tracking.setup(params)
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
                                                               "OPTUNA_STORAGE"}}

@@ -77,6 +77,16 @@ def load_trained(params: Params, name: str) -> tuple[torch.nn.Module, dict]:
     return models.rebuild(info, state), info
 
 
+def check_views(model: str, view: str, set_views: dict[str, str]) -> None:
+    """ValueError naming prepare.view when an evaluation set was prepared with another view than
+    the model was trained on (a set made before `prepare.view` changed, not yet re-prepared)."""
+    wrong = {s: v for s, v in set_views.items() if v != view}
+    if wrong:
+        raise ValueError(f"{model} was trained on the {view!r} view (prepare.view), but "
+                         + ", ".join(f"{s} was prepared with {v!r}" for s, v in wrong.items())
+                         + ": rerun `dvc repro prepare` and the external@ stages")
+
+
 def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:
     name = model_name(arch, protocol, seed)
     out = params.resolve(params.evaluate.out_dir) / name
@@ -91,8 +101,10 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     confidences: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
     amp = amp_dtype(device, params.train.amp)
     temperature = float(info.get("temperature", 1.0))  # fitted on the validation cells (train)
+    sets = evaluation_sets(params, protocol)
+    check_views(name, info.get("view", "full"), {s: d.view for s, d in sets.items()})
     with tracking.run(params, run_id=info["run_id"]):
-        for set_name, data in evaluation_sets(params, protocol).items():
+        for set_name, data in sets.items():
             data = data.resized(int(info["image_size"]))
             r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size,
                          amp, tta=params.evaluate.tta, temperature=temperature)
