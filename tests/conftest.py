@@ -218,3 +218,18 @@ def prepare_tiny(mirror_images: Path, out: Path, n_train: int, n_val: int, n_tes
         frame = pd.DataFrame(rows, columns=["path", "label", "split"])
         build_image_set(frame, mirror_images, CLASSES, size).save(out / f"{name}.pt")
         frame.to_csv(out / "splits" / f"{name}.csv", index=False)  # the split stage's manifests
+
+
+def http_status(url: str, seconds: float, proc: subprocess.Popen | None = None,
+                pause: float = 0.5) -> int | None:
+    """Poll `url` until it answers (its HTTP status) or `seconds` pass or `proc` exits (None)."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return int(answer.status)
+        except OSError:
+            time.sleep(pause)
+    return None

@@ -10,13 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, http_status
 
 PATH_VARIABLES = ("CURDIR", "VENV", "PYTHON", "MLFLOW_BACKEND", "MLFLOW_ARTIFACTS", "MLFLOW_HOST",
                   "MLFLOW_PORT", "UI_HOST", "UI_PORT")
@@ -83,15 +81,7 @@ def test_make_ui_serves_a_clone_in_a_folder_with_a_space(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    status = r.status
-                    break
-            except OSError:
-                time.sleep(1)
+        status = http_status(f"http://127.0.0.1:{port}/health", 240, proc, pause=1)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

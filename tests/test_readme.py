@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import http_status
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -111,14 +112,7 @@ def test_make_ui_serves_the_runs_page(tmp_path: Path):
         assert lines[-1].startswith(f"training runs: http://127.0.0.1:{port}/#/experiments/"), \
             lines
         started = time.monotonic()
-        deadline, status = time.monotonic() + 90, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
-                    status = answer.status
-                    break
-            except OSError:
-                time.sleep(0.5)
+        status = http_status(f"http://127.0.0.1:{port}/", 90, proc)
         assert status == 200, f"make ui exited {proc.poll()} or never answered"
         print(f"UI answered {time.monotonic() - started:.1f} s after the address was printed")
         assert (tmp_path / "mlflow.db").is_file()  # the project's store, in the repo folder
