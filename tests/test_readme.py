@@ -82,8 +82,11 @@ def make_executable() -> str:
 
 def test_make_repro_is_dvc_repro():
     """`make repro` runs exactly `dvc repro` (which tests/test_team.py runs end to end)."""
+    # CI runs the suite from `make test`: the outer make's MAKELEVEL/MAKEFLAGS would make this
+    # one print "Entering directory" lines around the command
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
     out = subprocess.run([make_executable(), "-n", "repro"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, env=env).stdout
     assert out.strip().splitlines() == ["dvc repro"]
 
 

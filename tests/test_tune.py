@@ -234,7 +234,8 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
 def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     """A real `wbc-transfer tune` process gets SIGTERM during trial 1: its MLflow runs end
     FAILED (they stayed RUNNING forever), the Optuna trial FAIL, and the rerun continues."""
-    params = tune_params(tmp_path, tiny, **{"tune.epochs": 2})
+    # 8 epochs, as below: with 2 a fast machine (CI) finished trial 1 between two polls
+    params = tune_params(tmp_path, tiny, **{"tune.epochs": 8})
     tracking.setup(params)
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI",
                                                               "OPTUNA_STORAGE"}}
