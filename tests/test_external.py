@@ -24,7 +24,7 @@ from wbc_transfer.config import Params, load_params
 from wbc_transfer.io import read_json
 from wbc_transfer.predict import collect, load_model, predict_items
 from wbc_transfer.stages import compare, evaluate, external, train
-from wbc_transfer.stages.validate import DataValidationError
+from wbc_transfer.validation import DataValidationError
 
 from conftest import CLASSES, REPO_ROOT, class_files, prepare_tiny, spread, write_params
 

@@ -28,7 +28,7 @@ from wbc_transfer.stages import groups as groups_stage
 from wbc_transfer.stages import prepare as prepare_stage
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
-from wbc_transfer.validation import scan
+from wbc_transfer.validation import DataValidationError, scan
 
 from conftest import CLASSES, IMAGES_SUBDIR
 
@@ -213,7 +213,7 @@ def test_exact_duplicates_are_reported_and_label_conflicts_excluded(duplicated_r
 
 def test_a_label_conflict_stops_strict_validation(duplicated_root, make_params):
     params = make_params(duplicated_root, validate__policy="strict")
-    with pytest.raises(validate_stage.DataValidationError,
+    with pytest.raises(DataValidationError,
                        match=r"2 data problem\(s\)(.|\n)*same-as-eosinophil\.jpeg: label conflict"):
         validate_stage.main(params)
 
@@ -255,7 +255,7 @@ def test_a_bad_latin1_file_is_named_in_the_problems(root, make_params):
     with open(os.fsencode(images / "TRAIN/EOSINOPHIL") + b"/\xe9t\xe9.jpeg", "wb") as f:
         f.write(b"not an image")
     params = make_params(root, validate__policy="strict")
-    with pytest.raises(validate_stage.DataValidationError,
+    with pytest.raises(DataValidationError,
                        match=r"TRAIN/EOSINOPHIL/\\xe9t\\xe9\.jpeg: not an image"):
         validate_stage.main(params)
     problems = (params.resolve(params.validate.report_dir) / "problems.csv").read_bytes()

@@ -89,3 +89,19 @@ def test_make_ui_serves_a_clone_in_a_folder_with_a_space(tmp_path):
     assert status == 200, output
     assert (repo / "mlflow.db").is_file()  # the project's store, in the folder with the space
     assert f"training runs: http://127.0.0.1:{port}/#/experiments/" in output
+
+
+def test_make_gpu_is_make_paper_and_make_best_with_the_gpu_settings():
+    """`make gpu` runs the paper-scale study and the best model as two DVC experiments, each
+    with bf16 autocast and channels_last on GPU_DEVICE (cuda unless told)."""
+    env = {k: v for k, v in make_env().items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    def expand(*args: str) -> list[str]:
+        return subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, check=True).stdout.strip().splitlines()
+    paper, best = expand("paper")[0], expand("best")[0]
+    for device in ("cuda", "cpu"):
+        lines = expand("gpu", *([f"GPU_DEVICE={device}"] if device == "cpu" else []))
+        gpu = (f" -S train.device={device} -S train.amp=bf16 -S train.channels_last=true"
+               " -S evaluate.channels_last=true")
+        assert lines == [paper.replace("-n paper-scale ", "-n paper-scale-gpu ") + gpu,
+                         best.replace("-n best-leak-free ", "-n best-gpu ") + gpu]

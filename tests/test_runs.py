@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from wbc_transfer import cli, engine, tracking
@@ -336,3 +337,25 @@ def test_the_experiment_holds_training_runs_with_their_datasets(tmp_path, prepar
     tracking.setup(params)
     assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == \
         "custom_model_development"
+
+
+# --- 26: the GPU run's settings on the CPU ----------------------------------------------------
+
+def test_the_gpu_runs_settings_train_and_evaluate_on_the_cpu(tmp_path, prepared):
+    """`make gpu GPU_DEVICE=cpu`'s train settings (bf16 autocast forced, channels_last weights)
+    run the train and evaluate stages on the CPU; the run records them; cuda without a GPU is
+    refused naming the parameter."""
+    params = run_params(tmp_path, prepared, **{
+        "train.device": "cpu", "train.amp": "bf16", "train.channels_last": True,
+        "evaluate.channels_last": True, "train.epochs": 1})
+    info = train.main(params, arch=ARCH, protocol="paper", seed=5)
+    metrics = evaluate.main(params, arch=ARCH, protocol="paper", seed=5)
+    run = MlflowClient(tracking.tracking_uri(params)).get_run(info["run_id"])
+    assert run.data.params["amp"] == "bf16" and run.data.params["device"] == "cpu"
+    assert run.data.params["channels_last"] == "True"
+    assert 0.0 <= run.data.metrics["paper_test_accuracy"] <= 1.0
+    assert metrics  # evaluate wrote its summary
+    if not torch.cuda.is_available():
+        cuda = run_params(tmp_path / "cuda", prepared, **{"train.device": "cuda"})
+        with pytest.raises(RuntimeError, match="train.device=cuda"):
+            train.main(cuda, arch=ARCH, protocol="paper", seed=6)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from wbc_transfer.stages import validate as validate_stage
-from wbc_transfer.validation import inspect_image, scan
+from wbc_transfer.validation import DataValidationError, inspect_image, scan
 
 from conftest import CLASSES, IMAGES_SUBDIR
 
@@ -123,7 +123,7 @@ def test_scan_in_parallel_matches_serial(mini_dataset):
 
 def test_validate_strict_fails_naming_each_bad_path(broken_root, make_params):
     params = make_params(broken_root, validate__policy="strict")
-    with pytest.raises(validate_stage.DataValidationError) as info:
+    with pytest.raises(DataValidationError) as info:
         validate_stage.main(params)
     message = str(info.value)
     for path in [*BAD_FILES, *BAD_FOLDERS]:
@@ -193,7 +193,7 @@ def test_validate_clean_copy_under_strict(mini_dataset, make_params):
 def test_validate_names_missing_train_or_test(tmp_path, make_params):
     (tmp_path / "blood-cells" / IMAGES_SUBDIR / "TRAIN").mkdir(parents=True)
     params = make_params(tmp_path / "blood-cells")
-    with pytest.raises(validate_stage.DataValidationError, match="TEST not found"):
+    with pytest.raises(DataValidationError, match="TEST not found"):
         validate_stage.main(params)
 
 

@@ -32,6 +32,11 @@ from wbc_transfer.io import path_text
 
 log = logging.getLogger(__name__)
 
+class DataValidationError(RuntimeError):
+    """The data cannot be used as it is (a required folder missing, no usable image, a bad file
+    under validate.policy=strict); the message names the file or folder."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     path: str  # relative to the images folder, POSIX separators, as `path_text` writes it

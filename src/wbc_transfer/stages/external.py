@@ -21,7 +21,7 @@ from wbc_transfer.external import index_set, report
 from wbc_transfer.images import joined
 from wbc_transfer.io import path_text, text_path, write_csv, write_json
 from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
-from wbc_transfer.stages.validate import DataValidationError
+from wbc_transfer.validation import DataValidationError
 
 log = logging.getLogger(__name__)
 

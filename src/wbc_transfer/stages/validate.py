@@ -19,13 +19,9 @@ import pandas as pd
 from wbc_transfer.config import Params
 from wbc_transfer.images import joined, large_image_note
 from wbc_transfer.io import path_text, write_csv, write_json
-from wbc_transfer.validation import ImageRecord, as_rows, duplicates, scan
+from wbc_transfer.validation import DataValidationError, ImageRecord, as_rows, duplicates, scan
 
 log = logging.getLogger(__name__)
-
-
-class DataValidationError(RuntimeError):
-    pass
 
 
 def main(params: Params) -> dict[str, object]:
