@@ -36,7 +36,7 @@ BEST = -S 'train.architectures=[efficientnet_lite0]' -S 'train.protocols=[heldou
 best:  ## train, evaluate and promote the best leak-free configuration (~30 min on 2 CPU cores)
 	dvc exp run -n best-leak-free $(BEST)
 
-tune:  ## Optuna search over train.lr / train.head_lr_factor (tune/dvc.yaml; not in `repro`)
+tune:  ## Optuna search over train.lr, head_lr_factor, weight_decay, augmentation (tune/dvc.yaml; not in `repro`)
 	dvc repro tune/dvc.yaml
 	wbc-transfer tune --apply
 
