@@ -47,7 +47,7 @@ gpu:  ## make paper + make best on one CUDA GPU, bf16 + channels_last (minutes o
 	dvc exp run -n paper-scale-gpu $(PAPER_SCALE) $(GPU_FLAGS)
 	dvc exp run -n best-gpu $(BEST) $(GPU_FLAGS)
 
-tune:  ## Optuna search over train.lr / train.head_lr_factor (tune/dvc.yaml; not in `repro`)
+tune:  ## Optuna search over train.lr, head_lr_factor, weight_decay, augmentation (tune/dvc.yaml; not in `repro`)
 	dvc repro tune/dvc.yaml
 	wbc-transfer tune --apply
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import optuna
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from wbc_transfer import cli, tracking, tuning
-from wbc_transfer.config import ConfigError, Params, load_params
+from wbc_transfer.config import ConfigError, Params, TrainParams, load_params
 from wbc_transfer.stages import tune
 
 from conftest import REPO_ROOT, prepare_tiny, terminate_when, write_params
@@ -124,6 +125,34 @@ def test_tune_pipeline_is_not_part_of_the_default_dvc_repro():
     assert stage["foreach"] == "${tune.architectures}"
     assert stage["do"]["wdir"] == ".."
     assert stage["do"]["cmd"] == "wbc-transfer tune --arch ${item}"
+
+
+def test_tune_stage_depends_on_the_package_and_every_train_param_a_trial_reads():
+    stage = yaml.safe_load((REPO_ROOT / "tune" / "dvc.yaml").read_text())["stages"]["tune"]["do"]
+    assert "src/wbc_transfer" in stage["deps"]  # the folder: no module list to drift
+    read = {f"train.{f.name}" for f in fields(TrainParams)} - {
+        f"train.{k}" for k in tuning.NOT_IN_TRIAL}
+    assert {p for p in stage["params"] if p.startswith("train.")} == read
+
+
+def test_apply_names_the_architecture_whose_study_won(tmp_path, capsys):
+    write_params(tmp_path, "unused", **{
+        "tune.architectures": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]})
+    for arch, value, lr in (("efficientnet_lite0", 0.61, 0.001), ("efficientnet_lite1", 0.72, 0.002)):
+        folder = tmp_path / "results" / "tune" / arch
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"best": {"val_f1_macro": value}}))
+        (folder / "best_params.yaml").write_text(yaml.safe_dump({"train": {
+            "lr": lr, "head_lr_factor": 3.0, "weight_decay": 0.01, "colour_jitter": 0.15,
+            "hed_jitter": 0.0, "translate_px": 45, "epochs": 3}}, sort_keys=False))
+    assert cli.main(["--params", str(tmp_path / "params.yaml"), "tune", "--apply"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "# efficientnet_lite2: no " in printed[2]
+    assert printed[-2] == "# best of the 2 tuned architectures on validation: efficientnet_lite1"
+    assert printed[-1] == ("dvc exp run -S train.lr=0.002 -S train.head_lr_factor=3 "
+                           "-S train.weight_decay=0.01 -S train.colour_jitter=0.15 "
+                           "-S train.hed_jitter=0 -S train.translate_px=45 -S train.epochs=3 "
+                           "-S 'train.architectures=[efficientnet_lite1]'")
 
 
 # --- the study --------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from wbc_transfer import models, stats
 from wbc_transfer.config import Params
 from wbc_transfer.io import read_json
 from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
-from wbc_transfer.stages.train import model_name
 from wbc_transfer.stats import bootstrap_settings, intervals
+from wbc_transfer.training import model_name
 
 BLOCK = ["protocol", "eval_set", "seed"]
 

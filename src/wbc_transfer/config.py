@@ -181,13 +181,18 @@ class PromoteParams:
 
 @dataclass(frozen=True)
 class TuneSpaceParams:
-    """Search space: lr log-uniform in [lr_low, lr_high], head factor in its range."""
+    """Search space: lr log-uniform in [lr_low, lr_high], head factor in its range, weight
+    decay log-uniform (modern recipe), and a multiplier of the augmentation strengths."""
 
     lr_low: float = 1e-5
     lr_high: float = 1e-2
     head_lr_factor_low: float = 1.0
     head_lr_factor_high: float = 100.0
     head_lr_factor_log: bool = True
+    weight_decay_low: float = 1e-4
+    weight_decay_high: float = 0.1
+    # scales train.colour_jitter, hed_jitter and translate_px (rotation and flips as they are)
+    augment_strength: tuple[float, ...] = (0.5, 1.0, 1.5)
 
 
 @dataclass(frozen=True)

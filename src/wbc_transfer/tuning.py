@@ -1,25 +1,39 @@
-"""Optuna search over the learning rate and the new head's learning-rate factor.
+"""Optuna search over the learning rate, the new head's learning-rate factor, the weight decay
+and the augmentation strength; the epoch to keep comes from keep-best.
 
-The paper fixed both (lr 1e-4, head factor 10) and named tuning them as future work. Here:
+The paper fixed lr 1e-4 and head factor 10 and named tuning them as future work. Here:
 
-- **Objective**: the best per-epoch macro-F1 on the protocol's validation cells (the leak-free
-  validation groups every protocol shares; no cell of them is in any training split), i.e. the
-  score of the checkpoint `train.keep: best` would keep. The test splits are never seen during
-  the search. Every trial trains with the same seed and the training recipe of
-  `train.recipe`, so trials differ only by their hyperparameters.
-- **Baseline**: the untuned settings (`tune.baseline`, the paper's) are enqueued as trial 0
-  and never pruned, so the best trial is compared with them under the same procedure.
+- **One training code**: a trial trains with `training.train_model`, the train stage's own
+  build and loop (input size and `train.overrides` of the architecture, robustness options,
+  recipe, early stopping `train.patience`, keep-best), with the trial's values put into the
+  resolved train parameters. A train stage run with the values `--apply` prints (and
+  `train.epochs` = `tune.epochs`) builds the same model and reaches the same validation scores
+  (tests/test_training.py).
+- **Search space** (`tune.space`): lr and head factor (log-uniform), weight decay (log-uniform;
+  modern recipe only: the paper recipe's SGD has none), and `augment_strength`, a categorical
+  multiplier of `train.colour_jitter`, `hed_jitter` and `translate_px` (rotation and flips as
+  they are). Sampled values are rounded to 4 significant digits before training, so that what
+  `--apply` prints is what was measured.
+- **Objective**: macro-F1 on the protocol's validation cells (the leak-free validation groups
+  every protocol shares; no cell of them is in any training split) of the epoch keep-best
+  keeps (`train.keep: best`: the best epoch; recorded as the trial's user attr `best_epoch`).
+  The test splits are never seen during the search. Every trial trains with the same seed, so
+  trials differ only by their hyperparameters.
+- **Baseline**: the untuned settings (`tune.baseline` lr and head factor, the paper's; the train
+  section's weight decay; augmentation x1) are enqueued as trial 0 and never pruned, so the
+  best trial is compared with them under the same procedure.
 - **Pruning**: `trial.report(val_f1, epoch)` + `trial.should_prune()` after every epoch.
 - **Storage**: persistent (SQLite at the repo root by default, any RDB URL, or a journal file),
   so an interrupted study resumes where it stopped and several worker processes can share one
   study. `tune.trials` caps the total over all workers: trials that are complete, pruned,
   running or waiting count; failed ones (e.g. Ctrl-C) are redone. The study name carries a
   fingerprint of everything that changes what a trial measures (search space, epochs, seeds,
-  data), so a changed configuration starts a new study instead of mixing results.
+  every train parameter a trial reads, the input, the images, the package's code), so a
+  changed configuration starts a new study instead of mixing results.
 - **MLflow**: one parent run per study; one nested run per trial with its params, per-epoch
   validation metrics (step = epoch) and tag `trial_state` = complete / pruned / failed; the
-  two final retrains (best and baseline settings on the full training split, scored once on
-  the test sets) are nested runs too; the parent holds the best params, the table and Optuna's
+  two final retrains (best and baseline settings, trained as a trial is, scored once on the
+  test sets) are nested runs too; the parent holds the best params, the table and Optuna's
   plots.
 """
 
@@ -45,20 +59,11 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
-from torch import nn
 
-from wbc_transfer import models, recipe, robustness, threads, tracking
-from wbc_transfer.config import Params, train_params_for
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch
-from wbc_transfer.engine import (
-    Checkpoint,
-    amp_dtype,
-    evaluate,
-    pick_device,
-    place_model,
-    seed_everything,
-    train_one_epoch,
-)
+from wbc_transfer import models, threads, tracking, training
+from wbc_transfer.config import ConfigError, Params, TrainParams, TuneSpaceParams, train_params_for
+from wbc_transfer.data import ImageSet, last_batch
+from wbc_transfer.engine import Checkpoint, amp_dtype, evaluate, pick_device
 from wbc_transfer.io import write_csv, write_json, write_text
 from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
 
@@ -70,7 +75,7 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 PARENT_ATTR = "mlflow_parent_run_id"
 OWNER_ATTR = "owner"  # trial user attr: the process running it (tracking.owner())
 HEARTBEAT_S = 30  # default tune.heartbeat_s
-OBJECTIVE = "val_f1_macro"
+OBJECTIVE = training.OBJECTIVE  # validation macro-F1 of the kept epoch
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 MAX_RETRY = 2  # a failed trial (dead worker) is enqueued again at most this often
 MAX_ROUNDS = 3  # search: rounds of (run the remaining trials, wait for other workers)
@@ -165,86 +170,119 @@ class Context:
     val_set: ImageSet  # the leak-free validation cells: the objective
     device: torch.device
     study_name: str
+    train: TrainParams  # train_params_for(arch) with tune.epochs: what a trial's values go into
 
 
 def load_context(params: Params, arch: str) -> Context:
-    """Load the prepared images and split them; fails before any training on a bad name."""
+    """Load the prepared images and split them; fails before any training on a bad name or
+    search space."""
     t = params.tune
     if arch not in models.REGISTRY:
         raise KeyError(f"tune: unknown architecture {arch!r}; known: {sorted(models.REGISTRY)}")
+    problems = check_space(t.space)
+    if problems:
+        raise ConfigError("; ".join(problems))
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{t.protocol}.pt")
     train_set, val_set = data.subset("train"), data.subset("val")
     if len(val_set) == 0:
         raise ValueError(f"tune: the {t.protocol} manifest has no validation cells")
     return Context(params, arch, train_set, train_set, val_set, pick_device(params.train.device),
-                   study_name(params, arch, train_set))
+                   study_name(params, arch, train_set, val_set),
+                   replace(train_params_for(params, arch), epochs=t.epochs))
 
 
-def study_name(params: Params, arch: str, train_set: ImageSet) -> str:
+def check_space(space: TuneSpaceParams) -> list[str]:
+    """Problems of the weight decay and augmentation ranges of `tune.space` (lr and head factor:
+    `config.check_tune`), each naming its parameter."""
+    problems = []
+    low, high = space.weight_decay_low, space.weight_decay_high
+    if not 0 < low <= high:
+        problems.append(f"tune.space.weight_decay_low ({low}) and weight_decay_high ({high}) "
+                        f"must be > 0, low <= high")
+    strengths = list(space.augment_strength)
+    if 1.0 not in strengths or min(strengths) < 0:
+        problems.append(f"tune.space.augment_strength must be multipliers >= 0 that include "
+                        f"1.0 (the baseline's), got {strengths}")
+    return problems
+
+
+#: train parameters that cannot change what a trial measures: what to train and where outputs
+#: go, the searched lr and head factor, epochs (tune.epochs), and a logging interval. Every
+#: other one is in the study fingerprint and a DVC param of the tune stage (tests/test_tune.py)
+NOT_IN_TRIAL = frozenset({"architectures", "protocols", "seeds", "out_dir", "checkpoint_dir",
+                          "weights_report", "lr", "head_lr_factor", "epochs", "validate_every"})
+
+
+def study_name(params: Params, arch: str, train_set: ImageSet, val_set: ImageSet) -> str:
     """`<arch>-<protocol>-<fingerprint>`: same configuration -> same (resumable) study."""
-    t, tr = params.tune, params.train
+    t = params.tune
+    resolved = train_params_for(params, arch)  # train.overrides[arch] applied
     config = {
         "arch": arch, "protocol": t.protocol, "epochs": t.epochs,
         "seed": t.seed, "space": asdict(t.space), "baseline": asdict(t.baseline),
-        "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum", "recipe",
-                                              "weight_decay", "warmup_epochs", "label_smoothing",
-                                              "rotation_deg", "colour_jitter",
-                                              "translate_px", "reference_size")},
-        "image_size": train_set.size, "images": train_set.paths,
+        "train": {k: v for k, v in asdict(resolved).items()
+                  if k not in NOT_IN_TRIAL and k != "overrides"},
+        "input": asdict(training.resolve_input(arch, resolved, train_set.size)),
+        "evaluate": {"batch_size": params.evaluate.batch_size, "tta": params.evaluate.tta},
+        "images": train_set.paths, "validation": val_set.paths,
         # trials of other training code are not comparable: a code change starts a new study
         "code": training_code_digest(),
     }
     return f"{arch}-{t.protocol}-{Checkpoint.fingerprint_of(config)[:8]}"
 
 
-def training_code_digest() -> str:
-    """sha256 over the modules that decide what a trial trains (the tune stage's DVC deps)."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for name in ("data.py", "engine.py", "models.py", "recipe.py", "tuning.py"):
-        digest.update((package / name).read_bytes())
-    return digest.hexdigest()[:16]
+def training_code_digest(package: Path | None = None) -> str:
+    """sha256 over the package's Python sources (the tune stage's DVC dep is the package
+    folder): each file's content hash, sorted, so that neither names nor order count and no
+    module that decides what a trial trains can be left out. `package`: another copy (tests)."""
+    package = package or Path(__file__).parent
+    hashes = sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in package.rglob("*.py"))
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
 
 # --- training -------------------------------------------------------------------------------
 
-def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
-        eval_set: ImageSet | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None,
-        ) -> tuple[nn.Module, models.Built, list[dict[str, float]]]:
-    """Fine-tune `ctx.arch` for `tune.epochs` epochs with the train stage's engine and seeding;
-    scores `eval_set` after each epoch and hands each epoch's row to `on_epoch`."""
-    t = replace(train_params_for(ctx.params, ctx.arch), epochs=ctx.params.tune.epochs)
-    seed = ctx.params.tune.seed
-    seed_everything(seed)
-    built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
-    adapted = robustness.adapt(built.model, built.mean, built.std, t.stain_norm, t.norm_layer,
-                               train_set.images)  # as the train stage does
-    model = place_model(adapted, ctx.device, t.channels_last)
-    amp = amp_dtype(ctx.device, t.amp)
-    optimizer = recipe.make_optimizer(t, model, built.head, lr, head_lr_factor)
-    steps = batch_count(len(train_set), t.batch_size, MIN_TRAIN_BATCH)
-    scheduler = recipe.make_scheduler(t, optimizer, steps)
-    augment = recipe.make_augment(t, train_set.size)
-    loss_fn = recipe.make_loss(t)
-    history: list[dict[str, float]] = []
-    policy = threads.policy_for(t.num_threads)
-    for epoch in range(1, t.epochs + 1):
-        policy.rebalance()  # other workers may have started or ended
-        torch.manual_seed(seed * 1000 + epoch)
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        stats = train_one_epoch(model, train_set, optimizer, augment, built.mean, built.std,
-                                ctx.device, t.batch_size, generator, amp=amp, loss_fn=loss_fn,
-                                scheduler=scheduler)
-        row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy}
-        if eval_set is not None:
-            r = evaluate(model, eval_set, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size, amp, tta=ctx.params.evaluate.tta)
-            row.update(val_loss=r.loss, val_accuracy=r.accuracy, val_f1_macro=r.f1_macro)
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-    return model, built, history
+SCALED = ("colour_jitter", "hed_jitter", "translate_px")  # x augment_strength
+
+
+def suggest(trial: optuna.Trial, space: TuneSpaceParams, recipe: str) -> dict[str, float]:
+    """The trial's point of the search space (weight decay only where the recipe has one)."""
+    hp = {"lr": trial.suggest_float("lr", float(space.lr_low), float(space.lr_high), log=True),
+          "head_lr_factor": trial.suggest_float(
+              "head_lr_factor", float(space.head_lr_factor_low),
+              float(space.head_lr_factor_high), log=bool(space.head_lr_factor_log))}
+    if recipe == "modern":
+        hp["weight_decay"] = trial.suggest_float(
+            "weight_decay", float(space.weight_decay_low), float(space.weight_decay_high),
+            log=True)
+    hp["augment_strength"] = trial.suggest_categorical(
+        "augment_strength", [float(x) for x in space.augment_strength])
+    return hp
+
+
+def trial_values(t: TrainParams, hp: Mapping[str, float]) -> dict[str, float | int]:
+    """The train parameters a trial at point `hp` trains with, as `--apply` prints them: lr,
+    head factor (and weight decay) at 4 significant digits, the augmentation of `t` scaled by
+    `augment_strength`."""
+    values: dict[str, float | int] = {k: float(fmt(hp[k])) for k in
+                                      ("lr", "head_lr_factor", "weight_decay") if k in hp}
+    strength = float(hp.get("augment_strength", 1.0))
+    for key in SCALED:  # translate_px stays whole pixels
+        scaled = getattr(t, key) * strength
+        values[key] = round(scaled) if key == "translate_px" else float(fmt(scaled))
+    return values
+
+
+def fit(ctx: Context, values: Mapping[str, float | int],
+        on_epoch: Callable[[dict[str, float], training.Training], None] | None = None,
+        ) -> training.Training:
+    """Train `ctx.arch` with the trial's `values` in its resolved train parameters: the train
+    stage's model and loop (`training.train_model`), `tune.epochs` epochs, seed `tune.seed`,
+    validated (early stopping, keep-best) on the validation cells; `on_epoch` sees each row."""
+    t = replace(ctx.train, **values)
+    return training.train_model(t, ctx.arch, ctx.fit_set, ctx.val_set, seed=ctx.params.tune.seed,
+                                device=ctx.device, eval_batch_size=ctx.params.evaluate.batch_size,
+                                tta=ctx.params.evaluate.tta, on_epoch=on_epoch)
 
 
 def _metrics(row: Mapping[str, float], step: int) -> list[Metric]:
@@ -271,10 +309,9 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
     space, client = ctx.params.tune.space, session.client
 
     def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", float(space.lr_low), float(space.lr_high), log=True)
-        factor = trial.suggest_float("head_lr_factor", float(space.head_lr_factor_low),
-                                     float(space.head_lr_factor_high),
-                                     log=bool(space.head_lr_factor_log))
+        hp = suggest(trial, space, ctx.train.recipe)
+        values = trial_values(ctx.train, hp)
+        trial.set_user_attr("train", values)  # what it trains with (what --apply would print)
         baseline = bool(trial.user_attrs.get("baseline"))
         trial.set_user_attr(OWNER_ATTR, tracking.owner())  # see fail_orphaned_trials
         run_id = client.create_run(session.experiment_id, run_name=f"trial-{trial.number}", tags={
@@ -286,14 +323,15 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
         }).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         client.log_batch(run_id, params=_params({
-            "lr": lr, "head_lr_factor": factor, "lr_head": lr * factor,
-            "trial_number": trial.number, "baseline": baseline, "epochs": ctx.params.tune.epochs,
+            **values, "augment_strength": hp["augment_strength"],
+            "lr_head": values["lr"] * values["head_lr_factor"],
+            "trial_number": trial.number, "baseline": baseline, "epochs": ctx.train.epochs,
             "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
-            "last_batch": last_batch(len(ctx.fit_set), ctx.params.train.batch_size),
-            **threads.policy_for(ctx.params.train.num_threads).describe(),
+            "last_batch": last_batch(len(ctx.fit_set), ctx.train.batch_size),
+            **threads.policy_for(ctx.train.num_threads).describe(),
         }))
 
-        def on_epoch(row: dict[str, float]) -> None:
+        def on_epoch(row: dict[str, float], run: training.Training) -> None:
             epoch, value = int(row["epoch"]), row[OBJECTIVE]
             client.log_batch(run_id, metrics=_metrics(row, epoch))  # MLflow step: epoch 1, 2, ..
             trial.report(value, epoch - 1)  # Optuna step: epoch index 0, 1, .. (n_warmup_steps)
@@ -302,9 +340,12 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
 
         state = "failed"
         try:
-            _, _, history = fit(ctx, ctx.fit_set, lr, factor, ctx.val_set, on_epoch)
-            value = max(float(row[OBJECTIVE]) for row in history)  # the kept (best) epoch
+            run = fit(ctx, values, on_epoch)
+            value = float(run.history[run.kept_epoch - 1][OBJECTIVE])  # the kept epoch's
+            trial.set_user_attr("best_epoch", run.kept_epoch)
+            trial.set_user_attr("epochs_run", len(run.history))
             client.log_metric(run_id, "objective", value)
+            client.log_metric(run_id, "best_epoch", run.kept_epoch)
             state = "complete"
             return value
         except optuna.TrialPruned:
@@ -313,8 +354,9 @@ def make_objective(ctx: Context, session: Session) -> Callable[[optuna.Trial], f
         finally:  # also on Ctrl-C: the run says what became of the trial
             client.set_tag(run_id, "trial_state", state)
             client.set_terminated(run_id, MLFLOW_STATUS[state])
-            log.info("%s trial %d (lr %.3g, head x%.3g%s): %s", ctx.study_name, trial.number, lr,
-                     factor, ", baseline" if baseline else "", state)
+            log.info("%s trial %d (%s%s): %s", ctx.study_name, trial.number,
+                     ", ".join(f"{k} {v:.3g}" for k, v in values.items()),
+                     ", baseline" if baseline else "", state)
 
     return objective
 
@@ -325,17 +367,22 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-def _baseline_params(params: Params) -> dict[str, float]:
-    return {"lr": float(params.tune.baseline.lr),
-            "head_lr_factor": float(params.tune.baseline.head_lr_factor)}
+def baseline_point(ctx: Context) -> dict[str, float]:
+    """The untuned settings as a point of the search space: `tune.baseline`'s lr and head
+    factor, the train section's weight decay, the augmentation as it is (x1)."""
+    point = {"lr": float(ctx.params.tune.baseline.lr),
+             "head_lr_factor": float(ctx.params.tune.baseline.head_lr_factor)}
+    if ctx.train.recipe == "modern":
+        point["weight_decay"] = float(ctx.train.weight_decay)
+    return {**point, "augment_strength": 1.0}
 
 
-def ensure_baseline(study: optuna.Study, params: Params) -> None:
+def ensure_baseline(study: optuna.Study, ctx: Context) -> None:
     """Enqueue the untuned settings unless a live or finished baseline trial exists."""
     live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=live)):
         return
-    study.enqueue_trial(_baseline_params(params), user_attrs={"baseline": True})
+    study.enqueue_trial(baseline_point(ctx), user_attrs={"baseline": True})
 
 
 def _parent_run(ctx: Context, session: Session, url: str) -> str:
@@ -351,9 +398,11 @@ def _parent_run(ctx: Context, session: Session, url: str) -> str:
         "seed": t.seed, "space": asdict(t.space),
         "pruner": asdict(t.pruner), "baseline": asdict(t.baseline),
         "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
-        "train_images": len(ctx.train_set), "image_size": ctx.train_set.size,
-        "weights": ctx.params.train.weights, "batch_size": ctx.params.train.batch_size,
-        "momentum": ctx.params.train.momentum, "git_commit": tracking.git_commit(ctx.params.root),
+        "train_images": len(ctx.train_set),
+        "input_size": training.resolve_input(ctx.arch, ctx.train, ctx.train_set.size).size,
+        "weights": ctx.train.weights, "recipe": ctx.train.recipe,
+        "batch_size": ctx.train.batch_size, "code": training_code_digest(),
+        "git_commit": tracking.git_commit(ctx.params.root),
         "data_md5": tracking.data_md5(ctx.params.root),
     }))
     session.study.set_user_attr(PARENT_ATTR, run_id)
@@ -392,7 +441,7 @@ def open_study(ctx: Context, worker: bool = False, wait_s: float = 60.0) -> Sess
     if created:
         study.set_user_attr("architecture", ctx.arch)
         study.set_user_attr("protocol", params.tune.protocol)
-        ensure_baseline(study, params)
+        ensure_baseline(study, ctx)
         session.parent_run_id = _parent_run(ctx, session, url)
         log.info("created study %s in %s (MLflow parent run %s)", ctx.study_name,
                  session.storage, session.parent_run_id)
@@ -458,7 +507,7 @@ def search(ctx: Context, worker: bool = False) -> Session:
     study = session.study
     close_dead_trials(session)
     if not worker:
-        ensure_baseline(study, ctx.params)  # e.g. it failed in an interrupted run
+        ensure_baseline(study, ctx)  # e.g. it failed in an interrupted run
         session.client.update_run(session.parent_run_id, status="RUNNING")
     if t.trials - counted(study) <= 0:
         log.info("study %s already has %d trial(s) of %d: nothing to run", ctx.study_name,
@@ -516,9 +565,10 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     return next((t for t in complete if t.user_attrs.get("baseline")), None)
 
 
-def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float],
-              test_sets: Mapping[str, ImageSet]) -> dict[str, dict[str, float]]:
-    """Retrain on the whole training split with `hp`, score each test set once."""
+def final_run(ctx: Context, session: Session, role: str, values: Mapping[str, float | int],
+              test_sets: Mapping[str, ImageSet]) -> tuple[dict[str, dict[str, float]], int]:
+    """Retrain with the trial values `values` as a trial trains (keep-best on the validation
+    cells), score each test set once; returns the scores and the kept epoch."""
     client = session.client
     run_id = client.create_run(session.experiment_id, run_name=f"final-{role}", tags={
         MLFLOW_PARENT_RUN_ID: session.parent_run_id, "role": f"final-{role}",
@@ -526,18 +576,18 @@ def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float]
         "protocol": ctx.params.tune.protocol,
     }).info.run_id
     client.log_batch(run_id, params=_params({
-        **hp, "lr_head": hp["lr"] * hp["head_lr_factor"], "epochs": ctx.params.tune.epochs,
+        **values, "lr_head": values["lr"] * values["head_lr_factor"], "epochs": ctx.train.epochs,
         "train_images": len(ctx.train_set),
     }))
     try:
-        model, built, _ = fit(ctx, ctx.train_set, hp["lr"], hp["head_lr_factor"],
-                              on_epoch=lambda row: client.log_batch(
-                                  run_id, metrics=_metrics(row, int(row["epoch"]))))
+        run = fit(ctx, values, on_epoch=lambda row, _: client.log_batch(
+            run_id, metrics=_metrics(row, int(row["epoch"]))))
+        client.log_metric(run_id, "best_epoch", run.kept_epoch)
         scores: dict[str, dict[str, float]] = {}
         for name, data in test_sets.items():
-            r = evaluate(model, data, built.mean, built.std, ctx.device,
-                         ctx.params.evaluate.batch_size, amp_dtype(ctx.device, ctx.params.train.amp),
-                         tta=ctx.params.evaluate.tta)
+            r = evaluate(run.model, data.resized(run.spec.size), run.built.mean, run.built.std,
+                         ctx.device, ctx.params.evaluate.batch_size,
+                         amp_dtype(ctx.device, ctx.train.amp), tta=ctx.params.evaluate.tta)
             full = classification_metrics(r.labels, r.predictions, data.classes)
             scores[name] = {"n": int(full["n"]), **{m: float(full[m]) for m in SUMMARY_METRICS}}
             client.log_batch(run_id, metrics=[
@@ -547,10 +597,10 @@ def final_run(ctx: Context, session: Session, role: str, hp: Mapping[str, float]
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, "FINISHED")
-    log.info("%s final %s (lr %.3g, head x%.3g): %s", ctx.study_name, role, hp["lr"],
-             hp["head_lr_factor"],
+    log.info("%s final %s (%s; kept epoch %d): %s", ctx.study_name, role,
+             ", ".join(f"{k} {v:.3g}" for k, v in values.items()), run.kept_epoch,
              ", ".join(f"{n} macro-F1 {s['f1_macro']:.3f}" for n, s in scores.items()))
-    return scores
+    return scores, run.kept_epoch
 
 
 def fmt(value: float) -> str:
@@ -558,9 +608,20 @@ def fmt(value: float) -> str:
     return np.format_float_positional(float(f"{float(value):.4g}"), trim="-")
 
 
-def apply_command(best: Mapping[str, float]) -> str:
-    return (f"dvc exp run -S train.lr={fmt(best['lr'])} "
-            f"-S train.head_lr_factor={fmt(best['head_lr_factor'])}")
+def apply_epochs(t: TrainParams, best_epoch: int) -> int:
+    """`train.epochs` that reproduces the kept epoch of a trial of `t.epochs` epochs: the kept
+    epoch itself where the learning rate does not depend on the number of epochs (paper
+    recipe: constant; the first k epochs of a longer run are the same), else `t.epochs` (modern
+    recipe: the cosine decay ends at the last epoch, so a shorter run decays faster and
+    differs; keep-best then keeps epoch `best_epoch` of the train stage's run too)."""
+    return int(best_epoch) if t.recipe != "modern" else int(t.epochs)
+
+
+def apply_command(values: Mapping[str, float | int], arch: str | None = None) -> str:
+    """`dvc exp run -S train.<key>=<value> ...` for each of `values` (the trial values and
+    epochs), restricted to architecture `arch` when given."""
+    line = "dvc exp run " + " ".join(f"-S train.{k}={fmt(v)}" for k, v in values.items())
+    return line + (f" -S 'train.architectures=[{arch}]'" if arch else "")
 
 
 def plots(study: optuna.Study, folder: Path) -> list[Path]:
@@ -597,8 +658,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: its settings and results (the DVC plot; no timings or run ids, which
     differ on every rerun: see `runs_record`)."""
     rows = [{"number": t.number, "state": t.state.name.lower(),
-             "lr": t.params.get("lr"), "head_lr_factor": t.params.get("head_lr_factor"),
-             OBJECTIVE: t.value,
+             **{k: t.params.get(k) for k in ("lr", "head_lr_factor", "weight_decay",
+                                              "augment_strength")},
+             OBJECTIVE: t.value, "best_epoch": t.user_attrs.get("best_epoch"),
              "epochs_run": len(t.intermediate_values),
              "baseline": bool(t.user_attrs.get("baseline"))}
             for t in study.get_trials(deepcopy=False)]
@@ -616,7 +678,8 @@ def runs_record(study: optuna.Study, parent_run_id: str) -> dict[str, Any]:
 
 def markdown(summary: Mapping[str, Any]) -> str:
     sets = list(summary["best"]["test"])
-    head = ["settings", "trial", "lr", "head lr factor", "val macro-F1"]
+    head = ["settings", "trial", "lr", "head lr factor", "weight decay", "augmentation",
+            "kept epoch", "val macro-F1"]
     for s in sets:
         head += [f"{s} accuracy", f"{s} macro-F1"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -624,6 +687,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         row = summary[key]
         val = row["val_f1_macro"]
         cells = [label, str(row["trial"]), fmt(row["lr"]), fmt(row["head_lr_factor"]),
+                 fmt(row["weight_decay"]) if "weight_decay" in row else "-",
+                 f"x{fmt(row['augment_strength'])}", str(row["best_epoch"]),
                  "-" if val is None else f"{val:.3f}"]
         for s in sets:
             cells += [f"{row['test'][s]['accuracy']:.3f}", f"{row['test'][s]['f1_macro']:.3f}"]
@@ -632,18 +697,18 @@ def markdown(summary: Mapping[str, Any]) -> str:
     return (
         f"# Tuning {summary['architecture']} ({summary['protocol']} protocol)\n\n"
         f"Optuna study `{summary['study_name']}`: {n['total']} trials ({n['complete']} complete, "
-        f"{n['pruned']} pruned, {n['failed']} failed), {summary['epochs']} epochs each. "
-        f"Objective: macro-F1 on {summary['val_images']} validation images carved (stratified) "
-        f"from the {summary['train_images']} training images; the test sets were not used in "
-        f"the search. Each row was then retrained on all {summary['train_images']} training "
-        f"images and scored once on each test set.\n\n"
+        f"{n['pruned']} pruned, {n['failed']} failed), up to {summary['epochs']} epochs each. "
+        f"Objective: macro-F1 on the {summary['val_images']} images of the leak-free validation "
+        f"cells (in no training split) at the epoch keep-best keeps; the test sets were not "
+        f"used in the search. Each row was then retrained as its trial was, on the "
+        f"{summary['train_images']} training images, and scored once on each test set.\n\n"
         + "\n".join(lines) + "\n\n"
         f"Apply the tuned settings to the training stage:\n\n    {summary['apply']}\n"
     )
 
 
 def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) -> dict[str, Any]:
-    """Best vs baseline: retrain both on the full training split, test once, write outputs."""
+    """Best vs baseline: retrain both as their trials trained, test once, write outputs."""
     study, client, params = session.study, session.client, ctx.params
     wait_for_workers(study)
     try:
@@ -651,27 +716,35 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
     except ValueError as exc:
         raise RuntimeError(f"study {ctx.study_name} has no complete trial to report") from exc
     base = baseline_trial(study)
-    base_hp = _baseline_params(params)
-    best_hp = {k: float(best.params[k]) for k in ("lr", "head_lr_factor")}
-    best_test = final_run(ctx, session, "best", best_hp, test_sets)
-    same = all(np.isclose(best_hp[k], base_hp[k]) for k in best_hp)
-    base_test = best_test if same else final_run(ctx, session, "baseline", base_hp, test_sets)
+    base_point = baseline_point(ctx)
+    best_values, base_values = trial_values(ctx.train, best.params), trial_values(ctx.train, base_point)
+    best_test, best_kept = final_run(ctx, session, "best", best_values, test_sets)
+    best_epoch = int(best.user_attrs.get("best_epoch", best_kept))
+    if best_values == base_values:
+        base_test, base_kept = best_test, best_kept
+    else:
+        base_test, base_kept = final_run(ctx, session, "baseline", base_values, test_sets)
+    base_epoch = int(base.user_attrs.get("best_epoch", base_kept)) if base else base_kept
+    train = {**best_values, "epochs": apply_epochs(ctx.train, best_epoch)}
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     summary: dict[str, Any] = {
         "architecture": ctx.arch, "protocol": params.tune.protocol,
         "study_name": ctx.study_name, "storage": session.storage, "epochs": params.tune.epochs,
-        "objective": f"{OBJECTIVE} (validation macro-F1)",
+        "objective": f"{OBJECTIVE} (validation macro-F1 of the kept epoch)",
         "train_images": len(ctx.train_set), "fit_images": len(ctx.fit_set),
         "val_images": len(ctx.val_set),
         "trials": {"total": len(states), "complete": states.count(TrialState.COMPLETE),
                    "pruned": states.count(TrialState.PRUNED),
                    "failed": states.count(TrialState.FAIL),
                    "running": states.count(TrialState.RUNNING)},
-        "best": {"trial": best.number, **best_hp, "val_f1_macro": best.value, "test": best_test},
-        "baseline": {"trial": base.number if base else None, **base_hp,
+        "best": {"trial": best.number, **best_values,
+                 "augment_strength": float(best.params["augment_strength"]),
+                 "best_epoch": best_epoch, "val_f1_macro": best.value, "test": best_test},
+        "baseline": {"trial": base.number if base else None, **base_values,
+                     "augment_strength": base_point["augment_strength"], "best_epoch": base_epoch,
                      "val_f1_macro": base.value if base else None, "test": base_test},
-        "apply": apply_command(best_hp),
+        "apply": apply_command(train),
     }
     out = params.resolve(params.tune.out_dir) / ctx.arch
     write_json(out / "summary.json", summary)
@@ -681,24 +754,23 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
     base_val = "n/a" if base is None else f"{base.value:.3f}"
     write_text(out / "best_params.yaml",
                f"# Best trial {best.number} of Optuna study {ctx.study_name}: validation "
-               f"macro-F1 {best.value:.3f} (untuned baseline {base_val}).\n"
-               f"# Train with it: {summary['apply']}\n"
-               + yaml.safe_dump({"train": {k: float(fmt(v)) for k, v in best_hp.items()}},
-                                sort_keys=False))
+               f"macro-F1 {best.value:.3f} at epoch {best_epoch} of {ctx.train.epochs} "
+               f"(untuned baseline {base_val}; augmentation x{fmt(best.params['augment_strength'])})."
+               f"\n# Train with it: {summary['apply']}\n"
+               + yaml.safe_dump({"train": train}, sort_keys=False))
     figures = plots(study, out / "figures")
 
     run_id = session.parent_run_id
     client.log_batch(run_id, metrics=[
         Metric(k, float(v), int(time.time() * 1000), len(states)) for k, v in {
-            "best_lr": best_hp["lr"], "best_head_lr_factor": best_hp["head_lr_factor"],
+            **{f"best_{k}": v for k, v in best.params.items()}, "best_epoch": best_epoch,
             "best_val_f1_macro": best.value, "best_trial": best.number,
             **({"baseline_val_f1_macro": base.value} if base else {}),
             **{f"best_{s}_{m}": best_test[s][m] for s in best_test for m in SUMMARY_METRICS},
             **{f"baseline_{s}_{m}": base_test[s][m] for s in base_test for m in SUMMARY_METRICS},
         }.items()])
-    for key, value in {"best.lr": fmt(best_hp["lr"]), "best.head_lr_factor":
-                       fmt(best_hp["head_lr_factor"]), "best.trial": str(best.number),
-                       "apply": summary["apply"]}.items():
+    for key, value in {**{f"best.{k}": fmt(v) for k, v in train.items()},
+                       "best.trial": str(best.number), "apply": summary["apply"]}.items():
         client.set_tag(run_id, key, value)
     for file in (out / "summary.md", out / "summary.json", out / "best_params.yaml",
                  out / "trials.csv", out / "runs.json", *figures):

@@ -39,9 +39,9 @@ from wbc_transfer.plots import (
     reliability_diagram,
     risk_coverage_curves,
 )
-from wbc_transfer.stages.train import model_name
 from wbc_transfer.stats import balanced_cell_accuracy, bootstrap_settings, set_intervals
 from wbc_transfer.threads import policy_for as thread_policy
+from wbc_transfer.training import model_name
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from wbc_transfer.data import ImageSet
 from wbc_transfer.engine import evaluate
 from wbc_transfer.io import write_json
 from wbc_transfer.metrics import classification_metrics
-from wbc_transfer.stages.train import model_name
+from wbc_transfer.training import model_name
 
 log = logging.getLogger(__name__)
 

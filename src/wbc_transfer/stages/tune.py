@@ -1,5 +1,6 @@
 """DVC stage `tune@<arch>` (tune/dvc.yaml, outside the default `dvc repro`): Optuna search over
-train.lr and train.head_lr_factor, then best vs untuned baseline on the test sets.
+train.lr, head_lr_factor, weight_decay and the augmentation strength (epochs by keep-best), then
+best vs untuned baseline on the test sets.
 
     wbc-transfer tune --arch efficientnet_lite0            # the stage: search, then report
     wbc-transfer tune --arch efficientnet_lite0 --worker   # extra worker on the same study
@@ -8,6 +9,7 @@ train.lr and train.head_lr_factor, then best vs untuned baseline on the test set
 
 from __future__ import annotations
 
+import json
 import logging
 
 import yaml
@@ -22,20 +24,27 @@ log = logging.getLogger(__name__)
 
 
 def apply(params: Params, arch: str | None = None) -> str:
-    """The command lines that train with each tuned architecture's best params."""
+    """The command line that trains with the tuned settings; with several tuned architectures,
+    those of the one whose best trial has the best validation objective, restricted to it."""
     archs = [arch] if arch else list(params.tune.architectures)
-    lines = []
+    lines, found = [], {}
     for name in archs:
-        file = params.resolve(params.tune.out_dir) / name / "best_params.yaml"
+        folder = params.resolve(params.tune.out_dir) / name
+        file = folder / "best_params.yaml"
         if not file.is_file():
             lines.append(f"# {name}: no {file} yet: run `dvc repro tune/dvc.yaml` first")
             continue
-        best = yaml.safe_load(file.read_text())["train"]
-        lines.append(f"# {name}: {file}")
-        lines.append(tuning.apply_command(best))
-    if len(archs) > 1:
-        lines.append("# train.lr / train.head_lr_factor apply to every architecture of the "
-                     "train stage; pick one line, or restrict with -S 'train.architectures=[...]'")
+        summary = folder / "summary.json"
+        value = json.loads(summary.read_text())["best"]["val_f1_macro"] if summary.is_file() \
+            else float("nan")
+        found[name] = (value, yaml.safe_load(file.read_text())["train"])
+        lines.append(f"# {name}: validation macro-F1 {value:.3f} ({file})")
+    if len(archs) == 1 and found:
+        lines.append(tuning.apply_command(found[archs[0]][1]))
+    elif found:
+        winner = max(found, key=lambda name: found[name][0])
+        lines.append(f"# best of the {len(found)} tuned architectures on validation: {winner}")
+        lines.append(tuning.apply_command(found[winner][1], arch=winner))
     return "\n".join(lines)
 
 
