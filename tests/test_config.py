@@ -88,7 +88,7 @@ def test_per_architecture_overrides_are_typed_and_checked(tmp_path):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epoch": 1}}}))
     with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.epochs must be a whole number"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epochs": "x"}}}))
-    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size must be >= 32 px"):
+    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size=16 is too small for vgg16"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"input_size": 16}}}))
 
 

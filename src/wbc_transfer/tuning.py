@@ -32,7 +32,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ def study_name(params: Params, arch: str, train_set: ImageSet) -> str:
     t, tr = params.tune, params.train
     config = {
         "arch": arch, "protocol": t.protocol, "epochs": t.epochs,
-        "seed": t.seed, "space": asdict(t.space), "baseline": asdict(t.baseline),
+        "seed": t.seed, "space": t.space.model_dump(), "baseline": t.baseline.model_dump(),
         "train": {k: getattr(tr, k) for k in ("weights", "batch_size", "momentum", "recipe",
                                               "weight_decay", "warmup_epochs", "label_smoothing",
                                               "rotation_deg", "colour_jitter",
@@ -214,7 +214,7 @@ def fit(ctx: Context, train_set: ImageSet, lr: float, head_lr_factor: float,
         ) -> tuple[nn.Module, models.Built, list[dict[str, float]]]:
     """Fine-tune `ctx.arch` for `tune.epochs` epochs with the train stage's engine and seeding;
     scores `eval_set` after each epoch and hands each epoch's row to `on_epoch`."""
-    t = replace(train_params_for(ctx.params, ctx.arch), epochs=ctx.params.tune.epochs)
+    t = train_params_for(ctx.params, ctx.arch).model_copy(update={"epochs": ctx.params.tune.epochs})
     seed = ctx.params.tune.seed
     seed_everything(seed)
     built = models.build(ctx.arch, len(train_set.classes), t.weights, train_set.size)
@@ -348,8 +348,8 @@ def _parent_run(ctx: Context, session: Session, url: str) -> str:
     run_id = run.info.run_id
     session.client.log_batch(run_id, params=_params({
         "architecture": ctx.arch, "protocol": t.protocol, "epochs": t.epochs,
-        "seed": t.seed, "space": asdict(t.space),
-        "pruner": asdict(t.pruner), "baseline": asdict(t.baseline),
+        "seed": t.seed, "space": t.space.model_dump(),
+        "pruner": t.pruner.model_dump(), "baseline": t.baseline.model_dump(),
         "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
         "train_images": len(ctx.train_set), "image_size": ctx.train_set.size,
         "weights": ctx.params.train.weights, "batch_size": ctx.params.train.batch_size,

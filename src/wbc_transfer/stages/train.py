@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 
 import mlflow
 import numpy as np
@@ -68,7 +67,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     loss_fn = recipe.make_loss(t)
     tta = params.evaluate.tta
 
-    resolved = {**asdict(t), "architecture": arch, "protocol": protocol, "seed": seed,
+    resolved = {**t.model_dump(), "architecture": arch, "protocol": protocol, "seed": seed,
                 "image_size": data.size, "weights_source": built.weights_source,
                 "view": data.view, "cell_fraction": data.cell_fraction}
     for key in ("architectures", "protocols", "seeds", "out_dir", "checkpoint_dir", "weights_report",
