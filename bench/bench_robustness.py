@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,11 @@ def split_row(row: str) -> tuple[str, str]:
     """'cell-hed' -> ('cell', 'hed'); 'hed' -> ('full', 'hed')."""
     view, _, option = row.rpartition("-")
     return (view or "full"), option
+
+
+def replace(section: Any, **changes: Any) -> Any:
+    """A copy of a frozen params section with `changes` (pydantic's model_copy)."""
+    return section.model_copy(update=changes)
 
 
 def row_params(base: Params, out: Path, row: str, size: int, epochs: int, threads: int = 2) -> Params:

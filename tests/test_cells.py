@@ -6,7 +6,6 @@ give the same cell view."""
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -15,12 +14,12 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from wbc_transfer.cells import NOT_FOUND, SEVERAL, cell_view, locate, model_view
-from wbc_transfer.config import PrepareParams, check_view
+from wbc_transfer.config import check_view, load_params
 from wbc_transfer.data import decode_resized
 from wbc_transfer.images import decode_file
 from wbc_transfer.serving import Classifier
 
-from conftest import mirror_root
+from conftest import REPO_ROOT, mirror_root
 
 BOXES = mirror_root().parent / "bccd-wbc-boxes" / "wbc_boxes.csv"
 SMEARS = mirror_root() / "dataset-master" / "dataset-master" / "JPEGImages"
@@ -136,8 +135,8 @@ def test_prepare_and_the_served_classifier_make_the_same_cell_view(tmp_path, box
 
 
 def test_view_parameters_are_checked() -> None:
-    assert check_view(PrepareParams()) == []
-    problems = check_view(replace(PrepareParams(), view="nucleus", cell_fraction=1.5))
+    assert check_view(load_params(REPO_ROOT / "params.yaml").prepare) == []
+    problems = check_view({"view": "nucleus", "cell_fraction": 1.5})  # e.g. a model's config
     assert any("prepare.view" in p and "'nucleus'" in p for p in problems)
     assert any("prepare.cell_fraction" in p and "1.5" in p for p in problems)
     with pytest.raises(ValueError, match="prepare.view"):

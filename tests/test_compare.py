@@ -22,6 +22,8 @@ from wbc_transfer.metrics import classification_metrics
 from wbc_transfer.stages import compare
 from wbc_transfer.stats import bootstrap_settings, intervals
 
+from conftest import write_params
+
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 ACCURACY = {"resnet50": 0.95, "googlenet": 0.7, "vgg16": 0.0, "alexnet": 0.4}  # roughly
@@ -29,6 +31,16 @@ ACCURACY = {"resnet50": 0.95, "googlenet": 0.7, "vgg16": 0.0, "alexnet": 0.4}  #
 PRETRAINED = {"resnet50": True, "googlenet": True, "vgg16": True, "alexnet": False}
 SIZES = {"paper_test": 40, "TEST": 80}
 CI = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
+
+
+def study_params(folder: Path, architectures: list[str], protocols: list[str],
+                 seeds: list[int]) -> Path:
+    """folder/params.yaml (the project's, shrunk) for a study of synthetic outputs under out/."""
+    return write_params(folder, "unused", **{
+        "train.architectures": architectures, "train.protocols": protocols, "train.seeds": seeds,
+        "validate.report_dir": "out/data", "evaluate.out_dir": "out/eval",
+        "compare.bootstrap": 200, "compare.confidence": 0.95, "compare.seed": 5,
+        "compare.out_dir": "out/compare", "compare.figures_dir": "out/compare_figures"})
 
 
 def dvc_executable() -> str | None:
@@ -72,15 +84,7 @@ def synthetic_predictions(arch: str, seed: int, eval_set: str) -> pd.DataFrame:
 @pytest.fixture
 def synthetic_study(tmp_path: Path):
     """params.yaml in tmp_path pointing at synthetic eval outputs: 4 archs x 2 seeds."""
-    file = tmp_path / "params.yaml"
-    file.write_text(yaml.safe_dump({
-        "train": {"architectures": list(ACCURACY), "protocols": ["paper"], "seeds": [1, 2]},
-        "validate": {"report_dir": "out/data"},
-        "evaluate": {"out_dir": "out/eval"},
-        "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
-                    "figures_dir": "out/compare_figures"},
-    }))
-    params = load_params(file)
+    params = load_params(study_params(tmp_path, list(ACCURACY), ["paper"], [1, 2]))
     for arch in ACCURACY:
         for seed in (1, 2):
             folder = tmp_path / "out" / "eval" / f"{arch}-paper-{seed}"
@@ -223,12 +227,7 @@ def test_a_constant_majority_predictor_does_not_win_on_an_imbalanced_set(tmp_pat
     actual = np.where(np.arange(n) < 120, 3, np.arange(n) % 3)  # 120 NEUTROPHIL, 80 others
     real = np.where(rng.random(n) < 0.55, actual, (actual + 1) % 4)
     predictions = {"vgg16": np.full(n, 3), "resnet50": real}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "train": {"architectures": list(predictions), "protocols": ["heldout"], "seeds": [42]},
-        "validate": {"report_dir": "out/data"}, "evaluate": {"out_dir": "out/eval"},
-        "compare": {"bootstrap": 200, "confidence": 0.95, "seed": 5, "out_dir": "out/compare",
-                    "figures_dir": "out/compare_figures"}}))
-    params = load_params(tmp_path / "params.yaml")
+    params = load_params(study_params(tmp_path, list(predictions), ["heldout"], [42]))
     for arch, predicted in predictions.items():
         folder = tmp_path / "out" / "eval" / f"{arch}-heldout-42"
         write_csv(folder / "predictions" / "TEST.csv", pd.DataFrame({

@@ -88,7 +88,7 @@ def test_per_architecture_overrides_are_typed_and_checked(tmp_path):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epoch": 1}}}))
     with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.epochs must be a whole number"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"epochs": "x"}}}))
-    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size must be >= 32 px"):
+    with pytest.raises(ConfigError, match=r"train\.overrides\.vgg16\.input_size=16 is too small for vgg16"):
         load_params(write_params(tmp_path, "unused", **{"train.overrides": {"vgg16": {"input_size": 16}}}))
 
 
@@ -162,3 +162,126 @@ def test_every_minimum_in_the_registry_is_the_true_one():
             if arch.min_input_size > 8:
                 with pytest.raises(RuntimeError):
                     built(torch.rand(1, 3, arch.min_input_size - 1, arch.min_input_size - 1))
+
+
+# --- the schema (pydantic): params.yaml is the one source of every value --------------------
+
+def test_params_yaml_holds_every_value_and_the_schema_reads_each_as_written():
+    """No defaults in the schema: every parameter the code reads is in params.yaml, every key
+    of params.yaml is a parameter, and each loaded value equals what the file says."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    loaded = load_params(REPO_ROOT / "params.yaml").model_dump()
+
+    def same(written, value, where):
+        if isinstance(written, dict):
+            assert set(written) == set(value), where
+            for key in written:
+                same(written[key], value[key], f"{where}.{key}")
+        elif isinstance(written, list):
+            assert len(written) == len(value), where
+            for i, (w, v) in enumerate(zip(written, value, strict=True)):
+                same(w, v, f"{where}[{i}]")
+        else:
+            assert written == value and (written is None) == (value is None), where
+
+    same(raw, loaded, "params")
+
+
+def test_a_missing_parameter_is_named(tmp_path):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    del raw["train"]["lr"], raw["compare"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_params(tmp_path / "params.yaml")
+    assert "train.lr is missing" in str(error.value) and "compare is missing" in str(error.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.lrr": 1}, "train: unknown parameter(s) ['lrr'] (did you mean 'lr'?)"),
+    ({"trian": {"lr": 1}}, "unknown section(s) ['trian'] (did you mean 'train'?)"),
+    ({"tune.space.zzz": 1},
+     "tune.space: unknown parameter(s) ['zzz']; known: ['augment_strength', 'head_lr_factor_high'"),
+    ({"external.tecom.manifst": None}, "external.tecom: unknown parameter(s) ['manifst']"),
+])
+def test_an_unknown_key_is_an_error_naming_it(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, "unused", **{"external": {"tecom": {"root": "x"}}},
+                                 **overrides))
+    assert message in str(error.value)
+
+
+def test_an_image_too_small_for_alexnet_is_refused_at_load_naming_the_minimum(tmp_path):
+    """AlexNet needs 63 px: prepare.image_size 32-62 used to pass and crash at train time."""
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, "unused", **{
+            "prepare.image_size": 40, "train.architectures": ["efficientnet_lite0", "alexnet"]}))
+    assert str(error.value) == (
+        "params.yaml: prepare.image_size=40 is too small for alexnet: its input must be at least "
+        "63 px (allowed: 63 and up; a smaller image leaves a pooling layer with nothing to pool)")
+    ok = load_params(write_params(tmp_path, "unused", **{
+        "prepare.image_size": 40, "train.architectures": ["efficientnet_lite0", "alexnet"],
+        "train.overrides": {"alexnet": {"input_size": 64}}}))
+    assert ok.prepare.image_size == 40
+
+
+@pytest.mark.parametrize("text", ["2e-05", "2.0e-5", "2E-5", " 2e-05 ", "0.00002"])
+def test_the_float_forms_dvc_and_yaml_write_parse(tmp_path, text):
+    """PyYAML (YAML 1.1) reads `2e-05` (what `dvc exp run -S train.lr=0.00002` writes) and
+    `1e-5` as strings; every form arrives here as text."""
+    file = write_params(tmp_path, "unused", **{"train.lr": text})
+    assert isinstance(yaml.safe_load(file.read_text())["train"]["lr"], str)
+    lr = load_params(file).train.lr
+    assert lr == pytest.approx(2e-5) and type(lr) is float
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.recipe", "moden", "train.recipe must be one of 'paper' or 'modern', got 'moden'"),
+    ("train.protocols", ["heldout", "leaky"],
+     "train.protocols[1] must be one of 'paper', 'paper_grouped' or 'heldout', got 'leaky'"),
+    ("tune.pruner.name", "hyperband",
+     "tune.pruner.name must be one of 'median', 'threshold' or 'none', got 'hyperband'"),
+    ("prepare.view", "nucleus", "prepare.view must be one of 'full' or 'cell', got 'nucleus'"),
+    ("train.device", "gpu", "train.device must be one of 'auto', 'cpu' or 'cuda', got 'gpu'"),
+    ("train.amp", "fp16", "train.amp must be one of 'auto', 'bf16' or 'off', got 'fp16'"),
+    ("train.stain_norm", "macenko", "train.stain_norm must be one of 'none' or 'lab'"),
+    ("validate.policy", "loose", "validate.policy must be one of 'strict' or 'lenient'"),
+    ("train.momentum", 1.5, "train.momentum must be in [0, 1), got 1.5"),
+    ("split.val_fraction", 0, "split.val_fraction must be in (0, 0.5], got 0"),
+    ("split.val_per_class", 0, "split.val_per_class must be a whole number >= 1 or null, got 0"),
+])
+def test_a_bad_choice_or_range_names_the_parameter_value_and_what_is_allowed(
+        tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, "unused", **{key: value}))
+    assert str(error.value).startswith(f"params.yaml: {message}")
+    assert "\n" not in str(error.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, "unused", **{
+            "train.lr": "abc", "evaluate.tta": "yes", "tune.space.lr_low": 0.5,
+            "tune.space.lr_high": 0.01, "train.recipe": "moden", "compare.botstrap": 5,
+            "promote.eval_set": "TEST"}))
+    head, *lines = str(error.value).splitlines()
+    assert head == "params.yaml: 6 problems:"
+    assert sorted(line.strip() for line in lines) == sorted([
+        "train.recipe must be one of 'paper' or 'modern', got 'moden'",
+        "train.lr must be a number, got 'abc'",
+        "evaluate.tta must be true or false, got 'yes'",
+        "compare: unknown parameter(s) ['botstrap'] (did you mean 'bootstrap'?)",
+        "promote.eval_set must be 'validation' (the leak-free validation cells): a test set "
+        "('TEST') may be reported, never used to choose the champion",
+        "tune.space.lr_low (0.5) must not exceed tune.space.lr_high (0.01): the range is inverted",
+    ])
+
+
+def test_params_are_frozen_and_copied_with_model_copy():
+    from pydantic import ValidationError
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    with pytest.raises(ValidationError):
+        params.train.lr = 1.0
+    faster = params.train.model_copy(update={"lr": 0.5})
+    assert (faster.lr, params.train.lr) == (0.5, 0.001)
+    assert params.model_copy(update={"train": faster}).root == params.root

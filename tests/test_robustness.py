@@ -4,21 +4,20 @@ layer and frozen BatchNorm travel with the weights."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from wbc_transfer import models, robustness
-from wbc_transfer.config import TrainParams
+from wbc_transfer.config import load_params
 from wbc_transfer.data import build_image_set, normalise
 from wbc_transfer.recipe import ModernAugment, make_optimizer
 
-from conftest import CLASSES, class_files, spread
+from conftest import CLASSES, REPO_ROOT, class_files, spread
 
-BASE = replace(TrainParams(), recipe="modern", colour_jitter=0.0, rotation_deg=0.0,
-               translate_px=0)
+TRAIN = load_params(REPO_ROOT / "params.yaml").train  # the project's train parameters
+BASE = TRAIN.model_copy(update=dict(recipe="modern", colour_jitter=0.0, rotation_deg=0.0,
+                                    translate_px=0))
 OPTIONS = {
     "hue": {"hue_jitter": 0.1},
     "grayscale": {"grayscale_p": 0.5},
@@ -43,7 +42,7 @@ def cells(mirror) -> torch.Tensor:
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_augmentation_is_seeded_and_keeps_range_and_shape(cells: torch.Tensor, option: str) -> None:
-    augment = ModernAugment(replace(BASE, **OPTIONS[option]), 48)
+    augment = ModernAugment(BASE.model_copy(update=OPTIONS[option]), 48)
     torch.manual_seed(7)
     first = augment(cells)
     torch.manual_seed(7)
@@ -120,7 +119,8 @@ def test_frozen_batchnorm_learns_on_a_tiny_set(small_train) -> None:
     FROZEN_BODY_LR_SCALE x lr (recipe.make_optimizer), 24 steps fit 64 images."""
     images, labels = small_train
     torch.manual_seed(0)
-    t = replace(TrainParams(), recipe="modern", norm_layer="frozen", lr=1e-3, head_lr_factor=1)
+    t = TRAIN.model_copy(update=dict(recipe="modern", norm_layer="frozen", lr=1e-3,
+                                     head_lr_factor=1.0))
     built = models.build("efficientnet_lite0", 4, "auto", 48)
     model = robustness.adapt(built.model, built.mean, built.std, "none", "frozen", images)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

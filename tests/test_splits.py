@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from wbc_transfer.config import PROTOCOLS
 from wbc_transfer.splits import (
-    PROTOCOLS,
     SplitError,
     counts,
     heldout_split,

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from wbc_transfer import stats
 from wbc_transfer.config import Params, load_params
 
+from conftest import write_params
 
-def params_with(folder: Path, tree: dict) -> Params:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(tree))
-    return load_params(folder / "params.yaml")
+
+def params_with(folder: Path, **overrides) -> Params:
+    """The project's params.yaml (shrunk, conftest.write_params) with `overrides`."""
+    return load_params(write_params(folder, "unused", **overrides))
 
 
 def noisy(n: int = 200, accuracy: float = 0.7, k: int = 4, seed: int = 0):
@@ -74,7 +74,8 @@ def test_set_intervals_is_one_bootstrap_for_summary_and_per_class(monkeypatch, t
     y_true, y_pred = noisy(n=120)
     groups = np.arange(120) // 3
     y_true = np.repeat(y_true[::3], 3)  # 40 cells of 3 images, one class each
-    params = params_with(tmp_path / "a", {"compare": {"bootstrap": 300, "confidence": 0.9, "seed": 4}})
+    params = params_with(tmp_path / "a", **{"compare.bootstrap": 300, "compare.confidence": 0.9,
+                                             "compare.seed": 4})
     calls = []
     original = stats.bootstrap_counts
     monkeypatch.setattr(stats, "bootstrap_counts",
@@ -90,7 +91,7 @@ def test_set_intervals_is_one_bootstrap_for_summary_and_per_class(monkeypatch, t
                                                     zero_division=0)[2][0])
     assert per_class["A"]["f1"] == [round(v, 6) for v in stats.percentile_interval(
         np.array(f1_a), 0.9)]
-    off = params_with(tmp_path / "b", {"compare": {"bootstrap": 0}})
+    off = params_with(tmp_path / "b", **{"compare.bootstrap": 0})
     assert stats.set_intervals(off, y_true, y_pred, list("ABCD"), groups) == ({}, {})
 
 

@@ -6,7 +6,6 @@ dozen real mirror images, 1 thread (CPU results depend on the thread count)."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -91,7 +90,7 @@ def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_p
 
     # and the comparison can fail: the same trial at another input size (what the tuner's own
     # loop used to do: it ignored train.input_size) is another model with other scores
-    t = replace(ctx.train, **values, input_size=None)
+    t = ctx.train.model_copy(update={**values, "input_size": None})
     other = training.train_model(t, ARCH, ctx.fit_set, ctx.val_set, seed=SEED,
                                  eval_batch_size=params.evaluate.batch_size)
     assert other.spec.size == 40
@@ -105,7 +104,7 @@ def test_resolve_input_is_the_one_place_for_size_mean_and_std(tmp_path):
     assert (lite.size, lite.mean) == (48, (0.498, 0.498, 0.498))
     alexnet = training.resolve_input("alexnet", train_params_for(params, "alexnet"), 32)
     assert (alexnet.size, alexnet.mean) == (64, (0.485, 0.456, 0.406))
-    unset = replace(train_params_for(params, ARCH), input_size=None)
+    unset = train_params_for(params, ARCH).model_copy(update={"input_size": None})
     assert training.resolve_input(ARCH, unset, 32).size == 32  # the prepared size
     with pytest.raises(KeyError, match="unknown architecture"):
         training.resolve_input("lenet", unset, 32)

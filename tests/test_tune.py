@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import optuna
@@ -80,6 +79,9 @@ def trial_runs(params: Params, parent_run_id: str) -> dict[int, object]:
     ({"tune.space.head_lr_factor_low": 50, "tune.space.head_lr_factor_high": 5},
      r"tune\.space\.head_lr_factor_low .* inverted"),
     ({"tune.trials": 0}, r"tune\.trials must be a whole number >= 1, got 0"),
+    ({"tune.space.weight_decay_low": 0.5, "tune.space.weight_decay_high": 0.01},
+     r"tune\.space\.weight_decay_low .* inverted"),
+    ({"tune.space.augment_strength": [0.5, 2.0]}, r"tune\.space\.augment_strength must include 1\.0"),
     ({"tune.epochs": 0}, r"tune\.epochs must be"),
     ({"tune.space.lr_high": "abc"}, r"tune\.space\.lr_high must be a number, got .abc."),
     ({"tune.pruner.name": "hyperband"}, r"tune\.pruner\.name"),
@@ -130,7 +132,7 @@ def test_tune_pipeline_is_not_part_of_the_default_dvc_repro():
 def test_tune_stage_depends_on_the_package_and_every_train_param_a_trial_reads():
     stage = yaml.safe_load((REPO_ROOT / "tune" / "dvc.yaml").read_text())["stages"]["tune"]["do"]
     assert "src/wbc_transfer" in stage["deps"]  # the folder: no module list to drift
-    read = {f"train.{f.name}" for f in fields(TrainParams)} - {
+    read = {f"train.{name}" for name in TrainParams.model_fields} - {
         f"train.{k}" for k in tuning.NOT_IN_TRIAL}
     assert {p for p in stage["params"] if p.startswith("train.")} == read
 

@@ -189,12 +189,12 @@ def recipe_params(params: Params) -> TrainParams:
     """The `train` parameters of the few-label recipe: the modern recipe (AdamW, cosine decay,
     label smoothing, kornia augmentation) with `adapt.*`'s values."""
     a = params.adapt
-    return replace(params.train, recipe="modern", epochs=a.head_epochs + a.body_epochs, lr=a.lr,
-                   head_lr_factor=a.head_lr_factor, weight_decay=a.weight_decay, warmup_epochs=0,
-                   label_smoothing=a.label_smoothing, batch_size=a.batch_size,
-                   rotation_deg=a.rotation_deg, translate_px=a.translate_px,
-                   colour_jitter=a.colour_jitter, hed_jitter=a.hed_jitter, scale=a.scale,
-                   hue_jitter=0.0, grayscale_p=0.0)
+    return params.train.model_copy(update=dict(
+        recipe="modern", epochs=a.head_epochs + a.body_epochs, lr=a.lr,
+        head_lr_factor=a.head_lr_factor, weight_decay=a.weight_decay, warmup_epochs=0,
+        label_smoothing=a.label_smoothing, batch_size=a.batch_size, rotation_deg=a.rotation_deg,
+        translate_px=a.translate_px, colour_jitter=a.colour_jitter, hed_jitter=a.hed_jitter,
+        scale=a.scale, hue_jitter=0.0, grayscale_p=0.0))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from wbc_transfer.config import ConfigError, load_params
+from wbc_transfer.config import PROTOCOLS, ConfigError, load_params
 
 STAGES = ("validate", "groups", "split", "prepare", "external", "weights", "train", "evaluate",
           "compare", "promote", "tune", "adapt")
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     for stage in ("train", "evaluate"):
         p = sub.add_parser(stage, help=f"run the DVC stage `{stage}` for one model")
         p.add_argument("--arch", required=True)
-        p.add_argument("--protocol", default="paper")
+        p.add_argument("--protocol", default="paper", choices=PROTOCOLS)
         p.add_argument("--seed", type=int, required=True)
     tune = sub.add_parser("tune", help="Optuna search over train.lr and train.head_lr_factor "
                           "(the stage tune@<arch> of tune/dvc.yaml)")

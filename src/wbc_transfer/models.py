@@ -79,7 +79,7 @@ class Architecture:
     cam_layer: str = ""
     # the smallest input side (px) a forward pass accepts: below it a pooling layer's output
     # would be empty (measured: AlexNet 63, GoogLeNet 15, VGG-16 32, ResNet-50 and
-    # EfficientNet-Lite 8); params are checked against it (config.check)
+    # EfficientNet-Lite 8); params are checked against it (config.Params)
     min_input_size: int = 8
 
 

@@ -27,7 +27,6 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 MANIFEST_COLUMNS = ["path", "label", "group", "split"]
-PROTOCOLS = ("paper", "paper_grouped", "heldout")
 SPLIT_ORDER = ["train", "val", "test", "test_simple"]
 
 

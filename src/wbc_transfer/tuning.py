@@ -39,6 +39,7 @@ The paper fixed lr 1e-4 and head factor 10 and named tuning them as future work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -46,7 +47,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
 from wbc_transfer import models, threads, tracking, training
-from wbc_transfer.config import ConfigError, Params, TrainParams, TuneSpaceParams, train_params_for
+from wbc_transfer.config import Params, TrainParams, TuneSpaceParams, train_params_for
 from wbc_transfer.data import ImageSet, last_batch
 from wbc_transfer.engine import Checkpoint, amp_dtype, evaluate, pick_device
 from wbc_transfer.io import write_csv, write_json, write_text
@@ -179,31 +180,14 @@ def load_context(params: Params, arch: str) -> Context:
     t = params.tune
     if arch not in models.REGISTRY:
         raise KeyError(f"tune: unknown architecture {arch!r}; known: {sorted(models.REGISTRY)}")
-    problems = check_space(t.space)
-    if problems:
-        raise ConfigError("; ".join(problems))
     data = ImageSet.load(params.resolve(params.prepare.out_dir) / f"{t.protocol}.pt")
     train_set, val_set = data.subset("train"), data.subset("val")
     if len(val_set) == 0:
         raise ValueError(f"tune: the {t.protocol} manifest has no validation cells")
     return Context(params, arch, train_set, train_set, val_set, pick_device(params.train.device),
                    study_name(params, arch, train_set, val_set),
-                   replace(train_params_for(params, arch), epochs=t.epochs))
+                   train_params_for(params, arch).model_copy(update={"epochs": t.epochs}))
 
-
-def check_space(space: TuneSpaceParams) -> list[str]:
-    """Problems of the weight decay and augmentation ranges of `tune.space` (lr and head factor:
-    `config.check_tune`), each naming its parameter."""
-    problems = []
-    low, high = space.weight_decay_low, space.weight_decay_high
-    if not 0 < low <= high:
-        problems.append(f"tune.space.weight_decay_low ({low}) and weight_decay_high ({high}) "
-                        f"must be > 0, low <= high")
-    strengths = list(space.augment_strength)
-    if 1.0 not in strengths or min(strengths) < 0:
-        problems.append(f"tune.space.augment_strength must be multipliers >= 0 that include "
-                        f"1.0 (the baseline's), got {strengths}")
-    return problems
 
 
 #: train parameters that cannot change what a trial measures: what to train and where outputs
@@ -219,10 +203,10 @@ def study_name(params: Params, arch: str, train_set: ImageSet, val_set: ImageSet
     resolved = train_params_for(params, arch)  # train.overrides[arch] applied
     config = {
         "arch": arch, "protocol": t.protocol, "epochs": t.epochs,
-        "seed": t.seed, "space": asdict(t.space), "baseline": asdict(t.baseline),
-        "train": {k: v for k, v in asdict(resolved).items()
+        "seed": t.seed, "space": t.space.model_dump(), "baseline": t.baseline.model_dump(),
+        "train": {k: v for k, v in resolved.model_dump().items()
                   if k not in NOT_IN_TRIAL and k != "overrides"},
-        "input": asdict(training.resolve_input(arch, resolved, train_set.size)),
+        "input": dataclasses.asdict(training.resolve_input(arch, resolved, train_set.size)),
         "evaluate": {"batch_size": params.evaluate.batch_size, "tta": params.evaluate.tta},
         "images": train_set.paths, "validation": val_set.paths,
         # trials of other training code are not comparable: a code change starts a new study
@@ -279,7 +263,7 @@ def fit(ctx: Context, values: Mapping[str, float | int],
     """Train `ctx.arch` with the trial's `values` in its resolved train parameters: the train
     stage's model and loop (`training.train_model`), `tune.epochs` epochs, seed `tune.seed`,
     validated (early stopping, keep-best) on the validation cells; `on_epoch` sees each row."""
-    t = replace(ctx.train, **values)
+    t = ctx.train.model_copy(update=dict(values))
     return training.train_model(t, ctx.arch, ctx.fit_set, ctx.val_set, seed=ctx.params.tune.seed,
                                 device=ctx.device, eval_batch_size=ctx.params.evaluate.batch_size,
                                 tta=ctx.params.evaluate.tta, on_epoch=on_epoch)
@@ -395,8 +379,8 @@ def _parent_run(ctx: Context, session: Session, url: str) -> str:
     run_id = run.info.run_id
     session.client.log_batch(run_id, params=_params({
         "architecture": ctx.arch, "protocol": t.protocol, "epochs": t.epochs,
-        "seed": t.seed, "space": asdict(t.space),
-        "pruner": asdict(t.pruner), "baseline": asdict(t.baseline),
+        "seed": t.seed, "space": t.space.model_dump(),
+        "pruner": t.pruner.model_dump(), "baseline": t.baseline.model_dump(),
         "fit_images": len(ctx.fit_set), "val_images": len(ctx.val_set),
         "train_images": len(ctx.train_set),
         "input_size": training.resolve_input(ctx.arch, ctx.train, ctx.train_set.size).size,

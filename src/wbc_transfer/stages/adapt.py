@@ -94,8 +94,7 @@ def main(params: Params, folder: str | Path, lab: str, per_class: int, model_uri
     with tracking.run(params, run_name=f"adapt-{lab}-k{per_class}-s{seed}", tags=tags) as run:
         mlflow.log_params(tracking.flat_params("", {"folder": str(root), "per_class": per_class,
                                                     "seed": seed, "base_model": uri,
-                                                    "adapt": {k: v for k, v in vars(a).items()
-                                                              if k not in ("labs", "curve")},
+                                                    "adapt": a.model_dump(exclude={"labs", "curve"}),
                                                     **threads}))
         result = adapt.adapt(classifier_of.model, classifier_of.config, data, per_class, seed,
                              params, device)

@@ -10,10 +10,9 @@ import logging
 
 import pandas as pd
 
-from wbc_transfer.config import Params
+from wbc_transfer.config import PROTOCOLS, Params
 from wbc_transfer.io import write_csv, write_json, write_text
 from wbc_transfer.splits import (
-    PROTOCOLS,
     SplitError,
     counts,
     group_counts,

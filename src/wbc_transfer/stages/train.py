@@ -8,7 +8,6 @@ the MLflow run, the progress bar, temperature scaling and the output files.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 
 import mlflow
 import numpy as np
@@ -48,7 +47,7 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     threads.update(thread_policy(t.num_threads).describe())  # shares the cores with other trainers
     device, tta = pick_device(t.device), params.evaluate.tta
     run = training.build(t, arch, train_set, seed, device)
-    resolved = {**{k: v for k, v in asdict(t).items() if k not in NOT_RUN_PARAMS},
+    resolved = {**{k: v for k, v in t.model_dump().items() if k not in NOT_RUN_PARAMS},
                 "architecture": arch, "protocol": protocol, "seed": seed, "image_size": data.size,
                 "weights_source": run.built.weights_source, "view": data.view,
                 "cell_fraction": data.cell_fraction}
