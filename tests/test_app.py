@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
 import threading
 import time
 import zipfile
@@ -22,6 +21,8 @@ from champion_helpers import CLASSES, MODEL_NAME, MODEL_URI, real_images, regist
 from wbc_transfer.app.limits import Limits
 from wbc_transfer.cli import main
 from wbc_transfer.predict import columns
+
+from conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -245,11 +246,6 @@ def test_cli_refuses_a_missing_store(tmp_path, capsys):
 
 # --- the page in a real browser ----------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

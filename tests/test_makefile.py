@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, http_status
+from conftest import REPO_ROOT, free_port, http_status
 
 PATH_VARIABLES = ("CURDIR", "VENV", "PYTHON", "MLFLOW_BACKEND", "MLFLOW_ARTIFACTS", "MLFLOW_HOST",
                   "MLFLOW_PORT", "UI_HOST", "UI_PORT")
@@ -37,11 +37,6 @@ def make_env() -> dict[str, str]:
                                                       env.get("PYTHONPATH")]))
     return env
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_every_path_or_port_in_a_recipe_is_quoted():

@@ -6,16 +6,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-from conftest import http_status
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -28,7 +22,7 @@ EXERCISED = {
     "pytest": ("Makefile", "\tpytest -q\n"),  # what `make test` runs
     "make repro": ("tests/test_readme.py", "test_make_repro_is_dvc_repro"),
     "dvc repro": ("tests/test_team.py", 'sh(["dvc", "repro"], repo, env'),  # a real repo, end to end
-    "make ui": ("tests/test_readme.py", "test_make_ui_serves_the_runs_page"),
+    "make ui": ("tests/test_makefile.py", "test_make_ui_serves_a_clone_in_a_folder_with_a_space"),
     "wbc-transfer predict path/to/cells/ -o predictions.csv":
         ("tests/test_predict.py", '"-o", str(output)'),  # a folder, CSV to a file
     "wbc-transfer fetch-weights": ("tests/test_weights.py", '"fetch-weights"'),
@@ -90,35 +84,3 @@ def test_make_repro_is_dvc_repro():
     assert out.strip().splitlines() == ["dvc repro"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow  # a real MLflow server start: 10-50 s
-def test_make_ui_serves_the_runs_page(tmp_path: Path):
-    """`make ui` (on a free port, UI_PORT) prints the address of the training runs and serves it."""
-    make = make_executable()
-    for name in ("Makefile", "params.yaml"):
-        shutil.copyfile(REPO / name, tmp_path / name)
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([make, "ui", f"UI_PORT={port}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        lines = []  # MLflow may log a line or two first
-        while len(lines) < 5 and not (lines and lines[-1].startswith("training runs: ")):
-            lines.append(proc.stdout.readline())
-        assert lines[-1].startswith(f"training runs: http://127.0.0.1:{port}/#/experiments/"), \
-            lines
-        started = time.monotonic()
-        status = http_status(f"http://127.0.0.1:{port}/", 90, proc)
-        assert status == 200, f"make ui exited {proc.poll()} or never answered"
-        print(f"UI answered {time.monotonic() - started:.1f} s after the address was printed")
-        assert (tmp_path / "mlflow.db").is_file()  # the project's store, in the repo folder
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # make, mlflow and its server: the group started here
-        proc.communicate(timeout=30)

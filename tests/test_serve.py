@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,14 +33,11 @@ from PIL import Image
 
 from wbc_transfer.cli import main
 
+from conftest import free_port
+
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 STARTUP_TIMEOUT_S = 150
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlflow_executable() -> str:

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from wbc_transfer.cells import model_view
-from wbc_transfer.config import CELL_FRACTION
+from wbc_transfer.config import CELL_FRACTION, Params
 from wbc_transfer.images import decode_file, joined
 from wbc_transfer.io import text_path, write_torch
 
@@ -254,3 +254,30 @@ def last_batch(n: int, batch_size: int, min_last: int = MIN_TRAIN_BATCH) -> str:
         return (f"merged: {last - batch_size} image(s) into the previous batch "
                 f"({count} batches, last of {last})")
     return f"partial ({count} batches, last of {last})"
+
+
+def evaluation_sets(params: Params, protocol: str) -> dict[str, ImageSet]:
+    """The sets a model of `protocol` is scored on: validation, paper_test (paper protocols), TEST,
+    TEST_SIMPLE when present, and every external set of params `external`; name -> images,
+    capped per class by evaluate.max_per_class (deterministic). FileNotFoundError names the
+    stage to run when a prepared set is missing."""
+    prepared = params.resolve(params.prepare.out_dir)
+    cap, seed = params.evaluate.max_per_class, params.split.seed
+    heldout = ImageSet.load(prepared / "heldout.pt")
+    own = heldout if protocol == "heldout" else ImageSet.load(prepared / f"{protocol}.pt")
+    sets: dict[str, ImageSet] = {"validation": own.subset("val")}
+    if protocol != "heldout":
+        sets["paper_test"] = own.subset("test", cap, seed)
+    sets["TEST"] = heldout.subset("test", cap, seed)
+    simple = heldout.subset("test_simple", cap, seed)
+    if len(simple):
+        sets["TEST_SIMPLE"] = simple
+    # other labs' sets (stage external@<name>): scored whole, each image its own cell unless a
+    # manifest gave groups; reported only, never chosen by
+    external = params.resolve(params.prepare.external_dir)
+    for name in params.external:
+        if not (external / f"{name}.pt").is_file():
+            raise FileNotFoundError(f"{external / name}.pt not found: run `dvc repro "
+                                    f"external@{name}` (params `external.{name}`)")
+        sets[name] = ImageSet.load(external / f"{name}.pt")
+    return sets

@@ -27,7 +27,7 @@ import torch
 
 from wbc_transfer import calibration, models, tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, normalise
+from wbc_transfer.data import ImageSet, evaluation_sets, normalise
 from wbc_transfer.engine import amp_dtype, configure_torch, evaluate, pick_device, place_model
 from wbc_transfer.explain import grad_cam, overlay
 from wbc_transfer.io import read_json, write_csv, write_json
@@ -44,30 +44,6 @@ from wbc_transfer.threads import policy_for as thread_policy
 from wbc_transfer.training import model_name
 
 log = logging.getLogger(__name__)
-
-
-def evaluation_sets(params: Params, protocol: str) -> dict[str, ImageSet]:
-    """name -> images; capped per class by evaluate.max_per_class (deterministic)."""
-    prepared = params.resolve(params.prepare.out_dir)
-    cap, seed = params.evaluate.max_per_class, params.split.seed
-    heldout = ImageSet.load(prepared / "heldout.pt")
-    own = heldout if protocol == "heldout" else ImageSet.load(prepared / f"{protocol}.pt")
-    sets: dict[str, ImageSet] = {"validation": own.subset("val")}
-    if protocol != "heldout":
-        sets["paper_test"] = own.subset("test", cap, seed)
-    sets["TEST"] = heldout.subset("test", cap, seed)
-    simple = heldout.subset("test_simple", cap, seed)
-    if len(simple):
-        sets["TEST_SIMPLE"] = simple
-    # other labs' sets (stage external@<name>): scored whole, each image its own cell unless a
-    # manifest gave groups; reported only, never chosen by
-    external = params.resolve(params.prepare.external_dir)
-    for name in params.external:
-        if not (external / f"{name}.pt").is_file():
-            raise FileNotFoundError(f"{external / name}.pt not found: run `dvc repro "
-                                    f"external@{name}` (params `external.{name}`)")
-        sets[name] = ImageSet.load(external / f"{name}.pt")
-    return sets
 
 
 def load_trained(params: Params, name: str) -> tuple[torch.nn.Module, dict]:

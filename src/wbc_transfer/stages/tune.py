@@ -16,8 +16,8 @@ import yaml
 
 from wbc_transfer import tuning
 from wbc_transfer.config import ConfigError, Params
+from wbc_transfer.data import evaluation_sets
 from wbc_transfer.engine import configure_torch
-from wbc_transfer.stages.evaluate import evaluation_sets
 from wbc_transfer.threads import policy_for as thread_policy
 
 log = logging.getLogger(__name__)
