@@ -2,7 +2,7 @@
 
 For each lab of `adapt.labs` (or --lab), each K of `adapt.curve.per_class` that the lab's
 smallest class allows (K < its cells), and each seed of `adapt.curve.seeds`: the recipe of
-`wbc_transfer.adapt` (split, AdaBN, fine-tuning with the epoch chosen by cross-validation inside
+`wbc_transfer.training.adapt` (split, AdaBN, fine-tuning with the epoch chosen by cross-validation inside
 the K cells, out-of-fold calibration), scored on the lab's other images with 95 % cluster-
 bootstrap intervals, beside the unchanged base model (zero-shot) on the same images, and the
 split-conformal sets' coverage and mean size at `adapt.sets`. Nothing is registered.
@@ -27,21 +27,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_transfer import adapt
 from wbc_transfer.config import load_params
 from wbc_transfer.engine import configure_torch, pick_device
+from wbc_transfer.training import adapt
 
 log = logging.getLogger("bench_adapt")
 
 
 def load_base(params, uri: str | None, folder: str | None):
     """The base `serving.Classifier`: from a weights.pt + config.json folder, else a model URI."""
-    from wbc_transfer.serving import Classifier
+    from wbc_transfer.serving.classifier import Classifier
 
     if folder:
         return Classifier.from_files(Path(folder) / "weights.pt", Path(folder) / "config.json")
     from wbc_transfer import tracking
-    from wbc_transfer.predict import load_model
+    from wbc_transfer.serving.predict import load_model
 
     tracking.setup(params)
     return load_model(uri or params.adapt.model).unwrap_python_model().classifier

@@ -66,8 +66,10 @@ def fit_and_register(work: Path, per_class: int, epochs: int, size: int) -> str:
     import torch
     from mlflow import MlflowClient
 
-    from wbc_transfer import engine, models, serving
-    from wbc_transfer.data import TrainAugment, build_image_set
+    from wbc_transfer import engine
+    from wbc_transfer.data.sets import TrainAugment, build_image_set
+    from wbc_transfer.models import registry as models
+    from wbc_transfer.serving import classifier as serving
 
     torch.manual_seed(0)
     built = models.build("efficientnet_lite0", len(CLASSES), "auto", size)

@@ -5,7 +5,7 @@ prepared tensors, in a scratch repo (params.yaml copied from this repo with outp
 and a SQLite MLflow store moved under --work). Two seeds, so the two trainings are different
 jobs of the same size. Policies compared:
 
-- `shared`: the project's thread policy (src/wbc_transfer/threads.py): each process counts the
+- `shared`: the project's thread policy (src/wbc_transfer/training/threads.py): each process counts the
   live training processes and takes cores // count threads (train.num_threads: 0);
 - `default`: every process takes all cores (train.num_threads = PyTorch's default), what the
   project did before.
@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from wbc_transfer.threads import CORES
+from wbc_transfer.training.threads import CORES
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
@@ -39,7 +39,7 @@ CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
 def tiny_prepared(out: Path, mirror: Path, per_class: int = 12, size: int = 64) -> None:
     """heldout.pt from a few real mirror images (train / val / test), for a smoke run."""
-    from wbc_transfer.data import build_image_set
+    from wbc_transfer.data.sets import build_image_set
 
     rows = []
     for cls in CLASSES:

@@ -20,8 +20,7 @@ import statistics
 
 import torch
 
-from wbc_transfer import models
-from wbc_transfer.data import ImageSet, TrainAugment
+from wbc_transfer.data.sets import ImageSet, TrainAugment
 from wbc_transfer.engine import (
     configure_torch,
     make_optimizer,
@@ -30,6 +29,7 @@ from wbc_transfer.engine import (
     seed_everything,
     train_one_epoch,
 )
+from wbc_transfer.models import registry as models
 
 
 def one_training(arch: str, data: ImageSet, device: torch.device, batch_size: int,

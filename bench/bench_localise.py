@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer.cells import locate
-from wbc_transfer.images import decode_file
+from wbc_transfer.data.cells import locate
+from wbc_transfer.data.images import decode_file
 from wbc_transfer.plots import box_gallery
 
 SMEARS = "blood-cells/dataset-master/dataset-master/JPEGImages"
@@ -81,8 +81,8 @@ def kaggle_crops(shared: Path) -> dict[str, float]:
 def predict_speed(shared: Path, repeats: int = 3) -> dict[str, float]:
     """images/s of the served path (Classifier.predict_bytes: decode, view, EfficientNet-Lite0
     at 128 px, batch 32, one thread) on 400 Kaggle TEST files, full vs cell view, alternated."""
-    from wbc_transfer import models
-    from wbc_transfer.serving import Classifier
+    from wbc_transfer.models import registry as models
+    from wbc_transfer.serving.classifier import Classifier
 
     files = sorted((shared / KAGGLE_TEST).glob("*/*.jpeg"))[::6][:400]
     blobs = [f.read_bytes() for f in files]

@@ -1,6 +1,6 @@
 """The robustness ablation of bench/ROBUSTNESS.md: EfficientNet-Lite0, heldout protocol, one row
 per view (prepare.view: full | cell) and robustness option (params `train.*`,
-wbc_transfer.robustness), same seed, same images, same budget. Row names: <view>-<option>
+wbc_transfer.models.robustness), same seed, same images, same budget. Row names: <view>-<option>
 (e.g. cell-hed); a bare option name means the full view (the rows of the first ablation).
 
 Each row calls the pipeline's own stage functions (train, evaluate) with overridden Params into
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from wbc_transfer.config import Params, load_params
-from wbc_transfer.data import ImageSet
+from wbc_transfer.data.sets import ImageSet
 
 ARCH, PROTOCOL, SEED = "efficientnet_lite0", "heldout", 42
 ROWS: dict[str, dict[str, Any]] = {
@@ -80,7 +80,7 @@ def prepare_data(base: Params, out: Path, size: int, per_class: int, external: b
     """out/prepared-<view>/heldout.pt (the heldout manifest in that view at `size`, training
     images capped per class by the same seeded sample in every view) and the external sets,
     once per view."""
-    from wbc_transfer.data import build_image_set
+    from wbc_transfer.data.sets import build_image_set
     from wbc_transfer.stages import external as external_stage
 
     manifest = pd.read_csv(base.resolve(base.split.out_dir) / "heldout.csv")
@@ -148,7 +148,7 @@ def speed(base: Params, out: Path, rows: list[str], size: int, epochs: int,
           repeats: int = 3) -> dict[str, float]:
     """images/s of the predict/serving path (decode + resize + network, batch 32) on the
     external set's files, per row, alternating rows `repeats` times within this one run."""
-    from wbc_transfer.serving import Classifier, config_from_run_json
+    from wbc_transfer.serving.classifier import Classifier, config_from_run_json
 
     files = sorted(p for p in Path(base.resolve(base.external["tecom"].root)).rglob("*.png"))
     blobs = [f.read_bytes() for f in files]
@@ -164,7 +164,7 @@ def speed(base: Params, out: Path, rows: list[str], size: int, epochs: int,
     if "baseline" in loaded:  # the input layers' own cost, on the baseline's weights
         import copy
 
-        from wbc_transfer import robustness
+        from wbc_transfer.models import robustness
 
         base_clf = loaded["baseline"]
         cfg = base_clf.config

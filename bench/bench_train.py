@@ -53,9 +53,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from wbc_transfer import models
 from wbc_transfer.config import Params, load_params
-from wbc_transfer.data import ImageSet, TrainAugment
+from wbc_transfer.data.sets import ImageSet, TrainAugment
 from wbc_transfer.engine import (
     Checkpoint,
     configure_torch,
@@ -65,6 +64,7 @@ from wbc_transfer.engine import (
     place_model,
     train_one_epoch,
 )
+from wbc_transfer.models import registry as models
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 1. Calibration: the temperature fitted on the leak-free validation cells of a `heldout`
    manifest, ECE (equal-width, 15 bins), Brier and NLL before/after on validation and TEST,
    the review threshold (validation accuracy >= --target) and its TEST coverage.
-2. `predict --explain` cost: `wbc_transfer.predict.predict_items` on N TEST files, plain and
+2. `predict --explain` cost: `wbc_transfer.serving.predict.predict_items` on N TEST files, plain and
    with Grad-CAM overlays, interleaved in one process on one loaded model (ratio, not a
    timed assertion).
 
@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer import calibration
-from wbc_transfer.data import build_image_set
+from wbc_transfer.data.sets import build_image_set
 from wbc_transfer.engine import configure_torch, predict
-from wbc_transfer.metrics import classification_metrics
+from wbc_transfer.evaluation import calibration
+from wbc_transfer.evaluation.metrics import classification_metrics
 
 
 def scores(logits: np.ndarray, labels: np.ndarray, t: float) -> dict[str, float]:
@@ -54,7 +54,7 @@ def main() -> None:
 
     import mlflow
 
-    from wbc_transfer.predict import collect, predict_items
+    from wbc_transfer.serving.predict import collect, predict_items
 
     model = mlflow.pyfunc.load_model(args.model_dir)
     classifier = model.unwrap_python_model().classifier

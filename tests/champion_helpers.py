@@ -3,7 +3,7 @@
 No training: an EfficientNet-Lite0 at 64 px with random weights, its BatchNorm statistics set
 from one batch of noise (random init makes its features vanish otherwise, and every image would
 get the same answer) and a random head. It goes through the project's real logging and
-registration code (wbc_transfer.serving) into a SQLite store under a tmp folder.
+registration code (wbc_transfer.serving.classifier) into a SQLite store under a tmp folder.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def tiny_weights(file: Path, arch: str = "efficientnet_lite0", head_std: float =
     """Random-init `arch` at 64 px saved to `file`; returns its pyfunc config."""
     import torch
 
-    from wbc_transfer import models
+    from wbc_transfer.models import registry as models
 
     torch.manual_seed(0)
     built = models.build(arch, len(CLASSES), "none", 64)
@@ -62,7 +62,7 @@ def register_tiny_champion(folder: Path) -> Champion:
     import mlflow
     from mlflow import MlflowClient
 
-    from wbc_transfer import serving
+    from wbc_transfer.serving import classifier as serving
 
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"

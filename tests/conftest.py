@@ -204,7 +204,7 @@ def prepare_tiny(mirror_images: Path, out: Path, n_train: int, n_val: int, n_tes
     images for heldout's test split; `size` px."""
     import pandas as pd
 
-    from wbc_transfer.data import build_image_set
+    from wbc_transfer.data.sets import build_image_set
 
     paper, heldout = [], []
     for cls in CLASSES:

@@ -18,10 +18,13 @@ import torch
 from champion_helpers import CLASSES, MODEL_NAME, MODEL_URI, register_tiny_champion
 from mlflow import MlflowClient
 
-from wbc_transfer import adapt, conformal, engine, serving
+from wbc_transfer import engine
 from wbc_transfer.cli import main as cli
-from wbc_transfer.data import ImageSet
+from wbc_transfer.data.sets import ImageSet
+from wbc_transfer.evaluation import conformal
+from wbc_transfer.serving import classifier as serving
 from wbc_transfer.stages import adapt as stage
+from wbc_transfer.training import adapt
 
 from conftest import REPO_ROOT, terminate_when
 

@@ -20,7 +20,7 @@ from champion_helpers import CLASSES, MODEL_NAME, MODEL_URI, real_images, regist
 
 from wbc_transfer.app.limits import Limits
 from wbc_transfer.cli import main
-from wbc_transfer.predict import columns
+from wbc_transfer.serving.predict import columns
 
 from conftest import free_port
 
@@ -217,7 +217,7 @@ def test_zip_and_folder_rules_and_nothing_written_outside_the_temp_folder(champi
 
 
 def test_labelled_zip_is_a_folder_external_accepts(champion, cells, tmp_path):
-    from wbc_transfer.external import scan_folder
+    from wbc_transfer.data.external import scan_folder
 
     with client_for(champion) as client:
         batch = upload(client, [(f.name, f.read_bytes()) for f in cells]).json()["id"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from wbc_transfer.data import TrainAugment, flip_and_shift, normalise
+from wbc_transfer.data.sets import TrainAugment, flip_and_shift, normalise
 
 
 def coordinate_images(n: int, h: int, w: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Cell localisation (wbc_transfer.cells) on real smears with hand-drawn boxes, the bad inputs of
+"""Cell localisation (wbc_transfer.data.cells) on real smears with hand-drawn boxes, the bad inputs of
 issue 22 (blank, red cells only, two white cells, a thumbnail, a 4000x3000 photo, grey), and the
 one image path: prepare (data.decode_resized), the served Classifier and the parameter check
 give the same cell view."""
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from wbc_transfer.cells import NOT_FOUND, SEVERAL, cell_view, locate, model_view
 from wbc_transfer.config import check_view, load_params
-from wbc_transfer.data import decode_resized
-from wbc_transfer.images import decode_file
-from wbc_transfer.serving import Classifier
+from wbc_transfer.data.cells import NOT_FOUND, SEVERAL, cell_view, locate, model_view
+from wbc_transfer.data.images import decode_file
+from wbc_transfer.data.sets import decode_resized
+from wbc_transfer.serving.classifier import Classifier
 
 from conftest import REPO_ROOT, mirror_root
 
@@ -112,7 +112,7 @@ def test_the_cell_view_centres_and_scales_the_cell() -> None:
 def test_prepare_and_the_served_classifier_make_the_same_cell_view(tmp_path, boxes) -> None:
     """One image path: the tensor the `prepare` stage stores and the one the registered
     pyfunc/HTTP/predict path builds from the same bytes are identical, note included."""
-    from wbc_transfer import models
+    from wbc_transfer.models import registry as models
 
     row = boxes.iloc[3]
     file = SMEARS / f"{row.image}.jpg"

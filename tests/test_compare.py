@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from wbc_transfer.config import load_params
+from wbc_transfer.evaluation.metrics import classification_metrics
+from wbc_transfer.evaluation.stats import bootstrap_settings, intervals
 from wbc_transfer.io import write_csv, write_json
-from wbc_transfer.metrics import classification_metrics
 from wbc_transfer.stages import compare
-from wbc_transfer.stats import bootstrap_settings, intervals
 
 from conftest import write_params
 

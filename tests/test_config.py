@@ -153,7 +153,7 @@ def test_every_minimum_in_the_registry_is_the_true_one():
     """A forward pass works at each architecture's `min_input_size` and fails 1 px below."""
     import torch
 
-    from wbc_transfer import models
+    from wbc_transfer.models import registry as models
 
     for name, arch in models.REGISTRY.items():
         built = models.build(name, 4, "none", arch.min_input_size).model.eval()

@@ -9,9 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from wbc_transfer import models
-from wbc_transfer.data import MIN_TRAIN_BATCH, TrainAugment, batch_count, batches, build_image_set, last_batch
+from wbc_transfer.data.sets import (
+    MIN_TRAIN_BATCH,
+    TrainAugment,
+    batch_count,
+    batches,
+    build_image_set,
+    last_batch,
+)
 from wbc_transfer.engine import amp_dtype, evaluate, make_optimizer, place_model, predict, train_one_epoch
+from wbc_transfer.models import registry as models
 
 from conftest import CLASSES, class_files, spread
 

@@ -19,12 +19,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from wbc_transfer import serving
 from wbc_transfer.config import Params, load_params
+from wbc_transfer.data.validation import DataValidationError
 from wbc_transfer.io import read_json
-from wbc_transfer.predict import collect, load_model, predict_items
+from wbc_transfer.serving import classifier as serving
+from wbc_transfer.serving.predict import collect, load_model, predict_items
 from wbc_transfer.stages import compare, evaluate, external, train
-from wbc_transfer.validation import DataValidationError
 
 from conftest import CLASSES, REPO_ROOT, class_files, prepare_tiny, spread, write_params
 
@@ -176,8 +176,8 @@ def test_one_set_param_adds_a_lab_folder(tmp_path: Path):
 def test_the_cell_view_of_an_external_set_notes_what_it_did_not_find(tmp_path, prepared, lab):
     """prepare.view cell in external@: every image localised; a blank image is kept with the
     'no white cell found' note in its index row and counted in report.json; a gallery."""
-    from wbc_transfer.cells import NOT_FOUND
-    from wbc_transfer.data import ImageSet
+    from wbc_transfer.data.cells import NOT_FOUND
+    from wbc_transfer.data.sets import ImageSet
 
     root = tmp_path / "lab"
     shutil.copytree(lab, root)

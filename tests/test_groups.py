@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc_transfer.grouping import (
+from wbc_transfer.data.grouping import (
     GroupingSettings,
     cluster,
     describe,

@@ -20,15 +20,15 @@ import torch
 from champion_helpers import exif_jpeg, png16_rgb, sixteen_bit_of, stored_pixels
 from PIL import Image
 
-from wbc_transfer import images as decoder
-from wbc_transfer.cells import model_view
-from wbc_transfer.data import ImageSet, build_image_set
+from wbc_transfer.data import images as decoder
+from wbc_transfer.data.cells import model_view
+from wbc_transfer.data.sets import ImageSet, build_image_set
+from wbc_transfer.data.validation import DataValidationError, scan
 from wbc_transfer.io import path_text, text_path
 from wbc_transfer.stages import groups as groups_stage
 from wbc_transfer.stages import prepare as prepare_stage
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
-from wbc_transfer.validation import DataValidationError, scan
 
 from conftest import CLASSES, IMAGES_SUBDIR
 

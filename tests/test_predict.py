@@ -24,8 +24,8 @@ from champion_helpers import (
 )
 from PIL import Image
 
-from wbc_transfer import serving
 from wbc_transfer.cli import main
+from wbc_transfer.serving import classifier as serving
 
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 

@@ -76,7 +76,7 @@ def experiment(repo, db, prepared, value: float, head_seed: int = 0):
 
     from wbc_transfer import tracking
     from wbc_transfer.config import load_params
-    from wbc_transfer.data import ImageSet
+    from wbc_transfer.data.sets import ImageSet
     from wbc_transfer.io import write_json
 
     from conftest import write_params

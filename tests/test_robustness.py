@@ -1,4 +1,4 @@
-"""Robustness options (wbc_transfer.robustness, recipe.ModernAugment): each augmentation is
+"""Robustness options (wbc_transfer.models.robustness, recipe.ModernAugment): each augmentation is
 reproducible for a fixed seed and keeps the shape and the 0-255 range; the stain-normalisation
 layer and frozen BatchNorm travel with the weights."""
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 from torchvision.ops import FrozenBatchNorm2d
 
-from wbc_transfer import models, robustness
 from wbc_transfer.config import load_params
-from wbc_transfer.data import build_image_set, normalise
-from wbc_transfer.recipe import ModernAugment, make_optimizer
+from wbc_transfer.data.sets import build_image_set, normalise
+from wbc_transfer.models import registry as models
+from wbc_transfer.models import robustness
+from wbc_transfer.training.recipe import ModernAugment, make_optimizer
 
 from conftest import CLASSES, REPO_ROOT, class_files, spread
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from wbc_transfer.config import PROTOCOLS
-from wbc_transfer.splits import (
+from wbc_transfer.data.splits import (
     SplitError,
     counts,
     heldout_split,

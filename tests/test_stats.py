@@ -1,4 +1,4 @@
-"""wbc_transfer.stats: cluster-bootstrap intervals, per-cell outcomes, chance baselines, the paired
+"""wbc_transfer.evaluation.stats: cluster-bootstrap intervals, per-cell outcomes, chance baselines, the paired
 bootstrap test, Holm."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from wbc_transfer import stats
 from wbc_transfer.config import Params, load_params
+from wbc_transfer.evaluation import stats
 
 from conftest import write_params
 

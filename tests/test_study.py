@@ -15,10 +15,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from wbc_transfer import models
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.engine import Checkpoint, make_optimizer
 from wbc_transfer.io import read_json
+from wbc_transfer.models import registry as models
 from wbc_transfer.stages import compare, evaluate, groups, prepare, promote, split, train, validate
 
 from conftest import write_params

@@ -24,8 +24,9 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from wbc_transfer import threads, tuning
 from wbc_transfer.config import load_params
+from wbc_transfer.training import threads
+from wbc_transfer.tuning import study as tuning
 
 from conftest import REPO_ROOT, write_params
 from team_services import Postgres, start_mlflow_server, start_postgres

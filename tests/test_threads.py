@@ -1,4 +1,4 @@
-"""The CPU thread policy (src/wbc_transfer/threads.py) with real processes and real locks."""
+"""The CPU thread policy (src/wbc_transfer/training/threads.py) with real processes and real locks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from wbc_transfer import threads
+from wbc_transfer.training import threads
 
-REGISTER = ("from wbc_transfer import threads; threads.register(); print('ready', flush=True); "
+REGISTER = ("from wbc_transfer.training import threads; threads.register(); print('ready', flush=True); "
             "import time; time.sleep(120)")
 
 

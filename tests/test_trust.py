@@ -21,11 +21,14 @@ from champion_helpers import CLASSES, bad_and_odd_files, real_images, tiny_weigh
 from mlflow import MlflowClient
 from PIL import Image
 
-from wbc_transfer import calibration, models, serving, stats, tracking
+from wbc_transfer import tracking
 from wbc_transfer.cli import main
 from wbc_transfer.config import load_params
-from wbc_transfer.data import normalise
-from wbc_transfer.predict import load_model
+from wbc_transfer.data.sets import normalise
+from wbc_transfer.evaluation import calibration, stats
+from wbc_transfer.models import registry as models
+from wbc_transfer.serving import classifier as serving
+from wbc_transfer.serving.predict import load_model
 from wbc_transfer.stages import evaluate, train
 
 from conftest import prepare_tiny, write_params
@@ -95,7 +98,7 @@ def test_risk_coverage_and_the_review_threshold():
 
 @pytest.mark.parametrize("arch", sorted(models.REGISTRY))
 def test_every_architecture_names_a_grad_cam_layer(arch):
-    from wbc_transfer.explain import grad_cam
+    from wbc_transfer.evaluation.explain import grad_cam
 
     torch.manual_seed(0)
     model = models.build(arch, 4, "none", 64).model.eval()  # AlexNet needs 64 px
@@ -189,7 +192,7 @@ def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(tr
 
 
 def test_the_report_links_calibration_review_and_per_class_results(trained):
-    from wbc_transfer.trust_report import trust_markdown
+    from wbc_transfer.reporting.trust_report import trust_markdown
 
     params, _, summary = trained
     report_dir = params.resolve(params.compare.out_dir)

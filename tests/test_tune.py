@@ -19,9 +19,10 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from wbc_transfer import cli, tracking, tuning
+from wbc_transfer import cli, tracking
 from wbc_transfer.config import ConfigError, Params, TrainParams, load_params
 from wbc_transfer.stages import tune
+from wbc_transfer.tuning import study as tuning
 
 from conftest import REPO_ROOT, prepare_tiny, terminate_when, write_params
 

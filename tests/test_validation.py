@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from wbc_transfer.data.validation import DataValidationError, inspect_image, scan
 from wbc_transfer.stages import validate as validate_stage
-from wbc_transfer.validation import DataValidationError, inspect_image, scan
 
 from conftest import CLASSES, IMAGES_SUBDIR
 

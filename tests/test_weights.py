@@ -32,9 +32,11 @@ from test_study import OFFLINE, prepared, study_params  # noqa: F401  (fixture)
 from torch import nn
 from torchvision import models as tv
 
-from wbc_transfer import cli, models, weights_cache
+from wbc_transfer import cli
 from wbc_transfer.config import load_params
 from wbc_transfer.engine import make_optimizer
+from wbc_transfer.models import registry as models
+from wbc_transfer.models import weights_cache
 from wbc_transfer.stages import compare, evaluate, promote, train
 from wbc_transfer.stages import weights as weights_stage
 

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                        "of an earlier adaptation to this lab to the new version")
     dl = sub.add_parser("download-data", help="download the Kaggle dataset with kagglehub")
     dl.add_argument("--dataset", default="paultimothymooney/blood-cells")
-    from wbc_transfer.predict import add_arguments as predict_arguments
+    from wbc_transfer.serving.predict import add_arguments as predict_arguments
 
     predict_arguments(sub.add_parser(
         "predict", help="classify image files/folders/globs with the registered champion"))
@@ -139,12 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_signals = signals_as_exceptions()
     try:
         if args.command == "download-data":
-            from wbc_transfer.download import download
+            from wbc_transfer.models.download import download
 
             print(download(args.dataset))
             return 0
         if args.command == "predict":
-            from wbc_transfer.predict import main as predict
+            from wbc_transfer.serving.predict import main as predict
 
             return predict(args)
         if args.command == "app":
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return app(args)
         if args.command == "fetch-weights":
-            from wbc_transfer import weights_cache
-            from wbc_transfer.models import PAPER_NETWORKS
+            from wbc_transfer.models import weights_cache
+            from wbc_transfer.models.registry import PAPER_NETWORKS
 
             archs = args.arch or [*load_params(args.params).train.architectures, *PAPER_NETWORKS]
             return weights_cache.main(archs, check_only=args.check)

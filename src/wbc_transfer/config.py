@@ -48,12 +48,12 @@ from pydantic_core import PydanticCustomError
 PARAMS_FILE = "params.yaml"
 
 # the choices, each written once (pydantic checks them; code that needs the names reads them here)
-Protocol = Literal["paper", "paper_grouped", "heldout"]  # the splits (wbc_transfer.splits)
+Protocol = Literal["paper", "paper_grouped", "heldout"]  # the splits (wbc_transfer.data.splits)
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 View = Literal["full", "cell"]  # prepare.view: the whole image resized | the white cell cropped
 VIEWS: tuple[str, ...] = get_args(View)
 CELL_FRACTION = 0.6  # the cell_fraction of a prepared set or model saved before the parameter
-Recipe = Literal["paper", "modern"]  # wbc_transfer.recipe
+Recipe = Literal["paper", "modern"]  # wbc_transfer.training.recipe
 StainNorm = Literal["none", "lab"]
 NormLayer = Literal["batchnorm", "frozen"]
 Keep = Literal["best", "last"]
@@ -124,7 +124,7 @@ Zoom = Annotated[tuple[Float, ...], AfterValidator(_zoom_range)]  # [low, high]
 
 
 def _known_architectures(names: Any) -> Any:
-    from wbc_transfer.models import REGISTRY  # torch: imported only when params are checked
+    from wbc_transfer.models.registry import REGISTRY  # torch: imported only when params are checked
 
     unknown = sorted(set(names) - set(REGISTRY))
     if unknown:
@@ -194,7 +194,7 @@ class SplitParams(Section):
 
 
 class ViewParams(Section):
-    """What the network sees (wbc_transfer.cells.model_view)."""
+    """What the network sees (wbc_transfer.data.cells.model_view)."""
 
     view: View  # full: the whole image resized | cell: the white cell found, cropped, scaled
     cell_fraction: Fraction  # view cell: the cell box's longer side spans this share of the side
@@ -220,7 +220,7 @@ class _TrainRecipe(Section):
     """The `train` parameters that `train.overrides.<arch>` may set for one architecture."""
 
     weights: str  # imagenet | none | auto | /path/to/state_dict.pth
-    recipe: Recipe  # paper | modern (see wbc_transfer.recipe)
+    recipe: Recipe  # paper | modern (see wbc_transfer.training.recipe)
     epochs: Int = Field(ge=1)
     batch_size: Int = Field(ge=1)
     lr: Float = Field(gt=0)
@@ -231,7 +231,7 @@ class _TrainRecipe(Section):
     label_smoothing: Float = Field(ge=0, lt=1)  # modern
     rotation_deg: Float = Field(ge=0)  # modern augmentation: random rotation in [-x, x] degrees
     colour_jitter: Float = Field(ge=0)  # modern augmentation: brightness/contrast/saturation +- x
-    # robustness to another lab (wbc_transfer.robustness; modern recipe's augmentation)
+    # robustness to another lab (wbc_transfer.models.robustness; modern recipe's augmentation)
     hue_jitter: Float = Field(ge=0, le=0.5)  # kornia ColorJitter hue +- x (share of the circle)
     grayscale_p: Float = Field(ge=0, le=1)  # kornia RandomGrayscale probability
     hed_jitter: Float = Field(ge=0, lt=1)  # HED-space stain jitter sigma (Tellez et al. 2018)
@@ -426,7 +426,7 @@ class AdaptCurveParams(Section):
 
 
 class AdaptParams(Section):
-    """`wbc-transfer adapt` (wbc_transfer.adapt): the few-label recipe and the registry entry."""
+    """`wbc-transfer adapt` (wbc_transfer.training.adapt): the few-label recipe and the registry entry."""
 
     model: str  # the base model (a pyfunc URI)
     seed: Int  # split of the lab's cells and training seed
@@ -482,7 +482,7 @@ class Params(_Sections):
     compare: CompareParams
     promote: PromoteParams
     tune: TuneParams
-    # name -> external test set (wbc_transfer.external); evaluate scores every model on each
+    # name -> external test set (wbc_transfer.data.external); evaluate scores every model on each
     external: Annotated[dict[str, ExternalSetParams], BeforeValidator(_none_is_empty)]
     adapt: AdaptParams
     _root: Path = PrivateAttr(default_factory=Path.cwd)
@@ -504,7 +504,7 @@ class Params(_Sections):
     @field_validator("external")
     @classmethod
     def _set_names(cls, external: dict[str, Any]) -> dict[str, Any]:
-        from wbc_transfer.external import RESERVED
+        from wbc_transfer.data.external import RESERVED
 
         return _names(external, "a set", RESERVED)
 
@@ -513,7 +513,7 @@ class Params(_Sections):
         """Each trained or tuned architecture's input side, and each side an override sets,
         against the architecture's minimum (`models.Architecture.min_input_size`): AlexNet at
         32-62 px used to crash at train time."""
-        from wbc_transfer.models import REGISTRY
+        from wbc_transfer.models.registry import REGISTRY
 
         problems = []
         used = dict.fromkeys((*self.train.architectures, *self.tune.architectures))

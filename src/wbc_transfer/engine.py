@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, batches, normalise
+from wbc_transfer.data.sets import MIN_TRAIN_BATCH, ImageSet, batch_count, batches, normalise
 from wbc_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, data: ImageSet, mean: Sequence[float], std: Seque
              temperature: float = 1.0) -> EvalResult:
     """Loss (cross-entropy, nats), accuracy and macro-F1 of `model` on `data`, with the
     per-image probabilities (float N x K, softmax of logits / `temperature`: calibrated when
-    it is the fitted temperature, see `wbc_transfer.calibration`), predictions (int N) and the
+    it is the fitted temperature, see `wbc_transfer.evaluation.calibration`), predictions (int N) and the
     raw logits. The temperature never changes the predictions."""
     raw = predict(model, data.images, mean, std, device, batch_size, amp, tta)
     logits = raw / float(temperature)
@@ -267,7 +267,7 @@ def fit(
     augmentation, a generator for the batch order), so a resumed or repeated run draws the same
     batches and augmentations. `before_epoch(e)` may return False to stop before epoch e (early
     stopping); `after_epoch(e, stats)` sees each finished epoch (validation, checkpoints,
-    logging). The one training loop of the train stage and `wbc_transfer.adapt`."""
+    logging). The one training loop of the train stage and `wbc_transfer.training.adapt`."""
     iterations_per_epoch = batch_count(len(data), batch_size, MIN_TRAIN_BATCH)
     ran = 0
     for epoch in range(start_epoch, epochs):

@@ -234,11 +234,11 @@ GALLERY_PER_CLASS = 6  # images per class in a localisation gallery (prepare, ex
 
 def localisation_gallery(files: Sequence[Path], captions: Sequence[str], path: Path,
                          title: str = "white cell found (green box)") -> Path:
-    """A gallery of image files with the white cell that `wbc_transfer.cells.locate` finds
+    """A gallery of image files with the white cell that `wbc_transfer.data.cells.locate` finds
     drawn on each (decoded by the product's one decoder); a file that cannot be read is left
     out. Captions: one per file (e.g. class and the localisation note)."""
-    from wbc_transfer.cells import locate
-    from wbc_transfer.images import ImageError, decode_file
+    from wbc_transfer.data.cells import locate
+    from wbc_transfer.data.images import ImageError, decode_file
 
     items = []
     for file, caption in zip(files, captions, strict=True):

@@ -4,16 +4,16 @@ Inputs are files as the browser sends them: chosen files (always tried, whatever
 suffix, like files named to `wbc-transfer predict`), files of a chosen folder (their name
 holds a `/`) and the members of a `.zip`: for these two, as for a folder given to `predict`,
 only image suffixes are taken and hidden files and folders are skipped. Zip members are read
-with their size checked first (a member over `wbc_transfer.images.MAX_BYTES` becomes an error
+with their size checked first (a member over `wbc_transfer.data.images.MAX_BYTES` becomes an error
 row, never read whole); nothing is extracted by its own name: every input is stored as
 `<batch folder>/files/<index><suffix>`. The limits (`Limits`) refuse a whole upload with a
 message naming the parameter.
 
-Classification is `wbc_transfer.predict.predict_items`: the rows (columns, errors, notes,
+Classification is `wbc_transfer.serving.predict.predict_items`: the rows (columns, errors, notes,
 review flag) are those of `wbc-transfer predict -o` on the same files. Thumbnails are what the
 network sees (`Classifier.preprocess`, the product's one decoder and resize), made when the
 page asks for them; the Grad-CAM overlay of one row comes from `Classifier.classify_bytes(...,
-explain=True)` and `wbc_transfer.explain.overlay`, also on demand.
+explain=True)` and `wbc_transfer.evaluation.explain.overlay`, also on demand.
 
 Exports: the predictions CSV (`predict.columns` of the model's classes, any further column the
 rows have, then `corrected_label`) and a labelled folder as a zip, `<CLASS>/<file>` for every
@@ -35,8 +35,8 @@ from typing import Any
 
 from wbc_transfer.app.limits import Limits
 from wbc_transfer.app.registry import Loaded
-from wbc_transfer.images import IMAGE_SUFFIXES, MAX_BYTES, is_hidden
-from wbc_transfer.predict import Item, Writer, columns, predict_items
+from wbc_transfer.data.images import IMAGE_SUFFIXES, MAX_BYTES, is_hidden
+from wbc_transfer.serving.predict import Item, Writer, columns, predict_items
 
 THUMB_QUALITY = 85  # JPEG quality of the thumbnails
 CORRECTED = "corrected_label"
@@ -57,7 +57,7 @@ def from_folder(name: str) -> bool:
 
 
 def taken(name: str) -> bool:
-    """The folder rules of `wbc_transfer.predict` (image suffixes, no hidden part)."""
+    """The folder rules of `wbc_transfer.serving.predict` (image suffixes, no hidden part)."""
     path = PurePosixPath(name)
     return path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(Path(*path.parts))
 
@@ -176,7 +176,7 @@ class Batch:
 
     def thumbnail(self, index: int) -> bytes:
         """JPEG of the image as the network sees it (decoded and resized by the classifier),
-        cached in the batch folder. Raises wbc_transfer.images.ImageError for a bad file."""
+        cached in the batch folder. Raises wbc_transfer.data.images.ImageError for a bad file."""
         from PIL import Image
 
         cached = self.folder / "thumbs" / f"{index:05d}.jpeg"
@@ -192,7 +192,7 @@ class Batch:
     def explanation(self, index: int, tta: bool = False) -> bytes:
         """PNG of the Grad-CAM overlay of row `index`'s predicted class, cached in the batch
         folder. Raises ValueError when the row has no classification."""
-        from wbc_transfer.explain import overlay
+        from wbc_transfer.evaluation.explain import overlay
 
         cached = self.folder / "cams" / f"{index:05d}.png"
         if not cached.is_file():

@@ -33,8 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from wbc_transfer.app import registry
 from wbc_transfer.app.batch import Store, expand
 from wbc_transfer.app.limits import LimitError, Limits
-from wbc_transfer.images import ImageError
-from wbc_transfer.predict import ModelUnavailableError
+from wbc_transfer.data.images import ImageError
+from wbc_transfer.serving.predict import ModelUnavailableError
 
 HERE = Path(__file__).parent
 

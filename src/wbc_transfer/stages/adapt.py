@@ -1,6 +1,6 @@
 """`wbc-transfer adapt FOLDER --lab NAME --per-class K` and DVC stage `adapt@<lab>`: adapt the
 champion (or `--model`) to a new lab's labelled cells and register it as
-`wbc-classifier@lab-<name>` (recipe: `wbc_transfer.adapt`; docs/adapt.md).
+`wbc-classifier@lab-<name>` (recipe: `wbc_transfer.training.adapt`; docs/adapt.md).
 
 Every check of the input runs before any training; the registry is written only at the very
 end, after the MLflow run has its artifacts, so an interrupted adapt leaves the registry, the
@@ -17,10 +17,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from wbc_transfer import adapt, serving, tracking
+from wbc_transfer import tracking
 from wbc_transfer.config import ConfigError, Params
 from wbc_transfer.engine import configure_torch, pick_device
 from wbc_transfer.io import write_csv, write_json, write_torch
+from wbc_transfer.serving import classifier as serving
+from wbc_transfer.training import adapt
 
 log = logging.getLogger(__name__)
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -61,7 +63,7 @@ def check_alias(client: MlflowClient, model_name: str, alias: str, lab: str, rep
 def main(params: Params, folder: str | Path, lab: str, per_class: int, model_uri: str | None = None,
          manifest: str | None = None, seed: int | None = None, replace: bool = False) -> dict:
     """Adapt, track, register; returns the metrics written to <adapt.out_dir>/<lab>/metrics.json."""
-    from wbc_transfer.predict import ModelUnavailableError, load_model
+    from wbc_transfer.serving.predict import ModelUnavailableError, load_model
 
     a = params.adapt
     if not re.fullmatch(r"[A-Za-z0-9_-]+", lab):

@@ -25,7 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_transfer.comparison import (
+from wbc_transfer.config import Params
+from wbc_transfer.evaluation.metrics import SUMMARY_METRICS
+from wbc_transfer.io import write_csv, write_json, write_text
+from wbc_transfer.plots import grouped_bars, leakage_dumbbell, pvalue_heatmap
+from wbc_transfer.reporting.comparison import (
     collect,
     fill_missing_ci,
     leakage_counts,
@@ -33,12 +37,14 @@ from wbc_transfer.comparison import (
     pvalue_matrix,
     significance,
 )
-from wbc_transfer.config import Params
-from wbc_transfer.io import write_csv, write_json, write_text
-from wbc_transfer.metrics import SUMMARY_METRICS
-from wbc_transfer.plots import grouped_bars, leakage_dumbbell, pvalue_heatmap
-from wbc_transfer.report import LABELS, ranked_archs, report_markdown, table2_markdown, weights_label
-from wbc_transfer.trust_report import trust_markdown
+from wbc_transfer.reporting.report import (
+    LABELS,
+    ranked_archs,
+    report_markdown,
+    table2_markdown,
+    weights_label,
+)
+from wbc_transfer.reporting.trust_report import trust_markdown
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer import calibration, models, tracking
+from wbc_transfer import tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet, evaluation_sets, normalise
+from wbc_transfer.data.sets import ImageSet, evaluation_sets, normalise
 from wbc_transfer.engine import amp_dtype, configure_torch, evaluate, pick_device, place_model
-from wbc_transfer.explain import grad_cam, overlay
+from wbc_transfer.evaluation import calibration
+from wbc_transfer.evaluation.explain import grad_cam, overlay
+from wbc_transfer.evaluation.metrics import SUMMARY_METRICS, classification_metrics
+from wbc_transfer.evaluation.stats import balanced_cell_accuracy, bootstrap_settings, set_intervals
 from wbc_transfer.io import read_json, write_csv, write_json
-from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
+from wbc_transfer.models import registry as models
 from wbc_transfer.plots import (
     confusion_matrix,
     confusion_matrix_normalised,
@@ -39,9 +42,8 @@ from wbc_transfer.plots import (
     reliability_diagram,
     risk_coverage_curves,
 )
-from wbc_transfer.stats import balanced_cell_accuracy, bootstrap_settings, set_intervals
-from wbc_transfer.threads import policy_for as thread_policy
-from wbc_transfer.training import model_name
+from wbc_transfer.training.threads import policy_for as thread_policy
+from wbc_transfer.training.trainer import model_name
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import Params
-from wbc_transfer.data import build_image_set
-from wbc_transfer.external import index_set, report
-from wbc_transfer.images import joined
+from wbc_transfer.data.cells import localisation_summary
+from wbc_transfer.data.external import index_set, report
+from wbc_transfer.data.images import joined
+from wbc_transfer.data.sets import build_image_set
+from wbc_transfer.data.validation import DataValidationError
 from wbc_transfer.io import path_text, text_path, write_csv, write_json
 from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
-from wbc_transfer.validation import DataValidationError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """DVC stage `groups`: assign every indexed image to its original cell, and say how well
-(see `wbc_transfer.grouping` for the method).
+(see `wbc_transfer.data.grouping` for the method).
 
 Writes `groups.manifest` (path, label, folder, group), `groups.json` (metrics: groups per
 folder and class, group sizes, sibling precision/recall, cross-folder/cross-class matches) and
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from wbc_transfer.config import Params
-from wbc_transfer.grouping import (
+from wbc_transfer.data.grouping import (
     GroupingSettings,
     assign_groups,
     pair_scores,

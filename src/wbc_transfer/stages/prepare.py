@@ -10,9 +10,9 @@ import logging
 
 import pandas as pd
 
-from wbc_transfer.cells import localisation_summary
 from wbc_transfer.config import PROTOCOLS, Params
-from wbc_transfer.data import build_image_set
+from wbc_transfer.data.cells import localisation_summary
+from wbc_transfer.data.sets import build_image_set
 from wbc_transfer.io import text_path, write_csv, write_json
 from wbc_transfer.plots import GALLERY_PER_CLASS, localisation_gallery
 

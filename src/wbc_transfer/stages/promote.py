@@ -1,7 +1,7 @@
 """DVC stage `promote`: register the best run as `wbc-classifier` with the alias `champion`,
 only when it beats the current champion on the same validation cells.
 
-The registered version is the run's `classifier` pyfunc (wbc_transfer.serving: models from
+The registered version is the run's `classifier` pyfunc (wbc_transfer.serving.classifier: models from
 code, state_dict weights + JSON config, preprocessing included), served as is by
 `mlflow models serve` and used by `wbc-transfer predict`.
 """
@@ -22,14 +22,16 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from wbc_transfer import models, serving, tracking
-from wbc_transfer.comparison import collect, load_predictions
+from wbc_transfer import tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data import ImageSet
+from wbc_transfer.data.sets import ImageSet
 from wbc_transfer.engine import evaluate
+from wbc_transfer.evaluation.metrics import classification_metrics
 from wbc_transfer.io import write_json
-from wbc_transfer.metrics import classification_metrics
-from wbc_transfer.training import model_name
+from wbc_transfer.models import registry as models
+from wbc_transfer.reporting.comparison import collect, load_predictions
+from wbc_transfer.serving import classifier as serving
+from wbc_transfer.training.trainer import model_name
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def register(params: Params, client: MlflowClient, best: pd.Series, reason: dict
         client.create_registered_model(p.model_name, description=(
             "White-blood-cell classifier (eosinophil, lymphocyte, monocyte, neutrophil); "
             "the champion is promoted by the `promote` DVC stage."))
-    # the champion is the pyfunc with its own preprocessing (wbc_transfer.serving), logged into
+    # the champion is the pyfunc with its own preprocessing (wbc_transfer.serving.classifier), logged into
     # the winning run as `classifier` from the trained weights if not already there
     folder = params.resolve(params.train.out_dir) / model_name(
         best["architecture"], best["protocol"], int(best["seed"]))

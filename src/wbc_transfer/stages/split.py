@@ -11,8 +11,7 @@ import logging
 import pandas as pd
 
 from wbc_transfer.config import PROTOCOLS, Params
-from wbc_transfer.io import write_csv, write_json, write_text
-from wbc_transfer.splits import (
+from wbc_transfer.data.splits import (
     SplitError,
     counts,
     group_counts,
@@ -20,6 +19,7 @@ from wbc_transfer.splits import (
     paper_split,
     shared_groups,
 )
+from wbc_transfer.io import write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 

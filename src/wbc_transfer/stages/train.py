@@ -1,6 +1,6 @@
 """DVC stage `train@<arch>-<protocol>-<seed>`: fine-tune one architecture, tracked in MLflow.
 
-The model is built and fitted by `wbc_transfer.training` (as every tuning trial is: the same
+The model is built and fitted by `wbc_transfer.training.trainer` (as every tuning trial is: the same
 model, the same numbers); this stage adds what runs around it: the checkpoint it resumes from,
 the MLflow run, the progress bar, temperature scaling and the output files.
 """
@@ -16,15 +16,18 @@ import torch
 from mlflow.models import infer_signature
 from tqdm import tqdm
 
-from wbc_transfer import calibration, models, tracking, training
+from wbc_transfer import tracking
 from wbc_transfer.config import Params, train_params_for
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
+from wbc_transfer.data.sets import MIN_TRAIN_BATCH, ImageSet, batch_count, last_batch, normalise
 from wbc_transfer.engine import Checkpoint, configure_torch, evaluate, pick_device
+from wbc_transfer.evaluation import calibration
 from wbc_transfer.io import write_csv, write_json, write_torch
+from wbc_transfer.models import registry as models
 from wbc_transfer.plots import training_curves
-from wbc_transfer.serving import pip_requirements
-from wbc_transfer.threads import policy_for as thread_policy
-from wbc_transfer.training import Training, model_name, resolve_input
+from wbc_transfer.serving.classifier import pip_requirements
+from wbc_transfer.training import trainer as training
+from wbc_transfer.training.threads import policy_for as thread_policy
+from wbc_transfer.training.trainer import Training, model_name, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ def fit_temperature(model: torch.nn.Module, val_set: ImageSet, built: models.Bui
                     device: torch.device, batch_size: int, amp: torch.dtype | None,
                     tta: bool) -> dict[str, float]:
     """Temperature scaling of the kept model, fitted by NLL on the leak-free validation cells
-    (`wbc_transfer.calibration.fit_temperature`; never a test set), with the validation NLL
+    (`wbc_transfer.evaluation.calibration.fit_temperature`; never a test set), with the validation NLL
     and ECE before and after it (the keys logged to MLflow and written to metrics.json)."""
     r = evaluate(model, val_set, built.mean, built.std, device, batch_size, amp, tta=tta)
     temperature = calibration.fit_temperature(r.logits, r.labels)

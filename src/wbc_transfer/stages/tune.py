@@ -14,11 +14,11 @@ import logging
 
 import yaml
 
-from wbc_transfer import tuning
 from wbc_transfer.config import ConfigError, Params
-from wbc_transfer.data import evaluation_sets
+from wbc_transfer.data.sets import evaluation_sets
 from wbc_transfer.engine import configure_torch
-from wbc_transfer.threads import policy_for as thread_policy
+from wbc_transfer.training.threads import policy_for as thread_policy
+from wbc_transfer.tuning import study as tuning
 
 log = logging.getLogger(__name__)
 

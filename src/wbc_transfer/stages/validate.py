@@ -17,9 +17,9 @@ from dataclasses import fields
 import pandas as pd
 
 from wbc_transfer.config import Params
-from wbc_transfer.images import joined, large_image_note
+from wbc_transfer.data.images import joined, large_image_note
+from wbc_transfer.data.validation import DataValidationError, ImageRecord, as_rows, duplicates, scan
 from wbc_transfer.io import path_text, write_csv, write_json
-from wbc_transfer.validation import DataValidationError, ImageRecord, as_rows, duplicates, scan
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ The recipe (params `adapt.*`), made for a handful of labelled cells per class:
 3. **Fine-tuning** (`finetune`): the head alone for `head_epochs`, then the head and the last
    blocks (the trailing parameters that hold `unfreeze_fraction` of the network's weights) for
    `body_epochs`: AdamW, cosine decay, label smoothing, strong augmentation (flips, any rotation,
-   shift, zoom, colour and HED stain jitter: `wbc_transfer.recipe.ModernAugment`); an epoch
+   shift, zoom, colour and HED stain jitter: `wbc_transfer.training.recipe.ModernAugment`); an epoch
    repeats the few images to at least `min_epoch_images` (each copy augmented anew). The loop
    is `wbc_transfer.engine.fit`, the train stage's.
 4. **The epoch** (`choose_epoch`): chosen by `StratifiedGroupKFold` cross-validation inside the K
@@ -20,7 +20,7 @@ The recipe (params `adapt.*`), made for a handful of labelled cells per class:
    earlier epoch); the lab's test part is never looked at. The final model is trained on all K
    cells for that many epochs of the same schedule.
 5. **Calibration**: the temperature and the split-conformal prediction sets
-   (`wbc_transfer.conformal`) are fitted on the out-of-fold predictions of the cross-validation
+   (`wbc_transfer.evaluation.conformal`) are fitted on the out-of-fold predictions of the cross-validation
    models at the chosen epoch (each labelled cell predicted by a model that did not learn it; a
    cross-conformal calibration of the final model, trained on all of them).
 
@@ -45,12 +45,15 @@ import torch
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from torch import nn
 
-from wbc_transfer import calibration, conformal, external, models, recipe, stats
 from wbc_transfer.config import Params, TrainParams
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count, batches, normalise
+from wbc_transfer.data import external
+from wbc_transfer.data.images import read_file
+from wbc_transfer.data.sets import MIN_TRAIN_BATCH, ImageSet, batch_count, batches, normalise
 from wbc_transfer.engine import EpochStats, evaluate, fit
-from wbc_transfer.images import read_file
+from wbc_transfer.evaluation import calibration, conformal, stats
 from wbc_transfer.io import text_path
+from wbc_transfer.models import registry as models
+from wbc_transfer.training import recipe
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class AdaptInputError(ValueError):
 def index_lab(folder: Path, name: str, classes: Sequence[str], manifest: Path | None = None,
               policy: str = "strict") -> pd.DataFrame:
     """The lab's usable images (columns path, label, group; paths relative to `folder`), checked
-    like `validate` (`wbc_transfer.external.index_set`: the project's decoder, its problems).
+    like `validate` (`wbc_transfer.data.external.index_set`: the project's decoder, its problems).
 
     Raises AdaptInputError naming the folder: missing, problems under `policy` strict (listed,
     with the unknown class folders), no image at all."""
@@ -351,7 +354,7 @@ def adapt(base_model: nn.Module, base_config: dict[str, Any], data: ImageSet, pe
 def score(model: nn.Module, test: ImageSet, config: dict[str, Any],
           params: Params) -> dict[str, Any]:
     """macro-F1 and accuracy of `model` (with its config's temperature) on `test`, 95 % cluster-
-    bootstrap intervals (`wbc_transfer.stats`, params `compare.*`: cells resampled within
+    bootstrap intervals (`wbc_transfer.evaluation.stats`, params `compare.*`: cells resampled within
     their class), and the prediction sets' coverage at `adapt.sets` when the config has them."""
     device = next(model.parameters()).device
     r = evaluate(model, test, config["mean"], config["std"], device, params.evaluate.batch_size,

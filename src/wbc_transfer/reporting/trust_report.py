@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wbc_transfer.comparison import eval_folder, expected_models
 from wbc_transfer.config import Params
 from wbc_transfer.io import read_json
-from wbc_transfer.models import is_pretrained
-from wbc_transfer.training import model_name
+from wbc_transfer.models.registry import is_pretrained
+from wbc_transfer.reporting.comparison import eval_folder, expected_models
+from wbc_transfer.training.trainer import model_name
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -42,7 +42,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.metrics.cluster import pair_confusion_matrix
 from tqdm import tqdm
 
-from wbc_transfer.images import decode_file
+from wbc_transfer.data.images import decode_file
 from wbc_transfer.io import text_path
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Described:
 
 def read_pixels(file: str | Path) -> np.ndarray:
     """uint8 H x W x 3 (RGB) pixels of an image file, through the product's one decoder
-    (`wbc_transfer.images.decode_file`: EXIF orientation, 16-bit scaling); raises ImageError
+    (`wbc_transfer.data.images.decode_file`: EXIF orientation, 16-bit scaling); raises ImageError
     naming the file."""
     return np.ascontiguousarray(decode_file(file).pixels.permute(1, 2, 0).numpy())
 

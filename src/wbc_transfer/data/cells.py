@@ -86,7 +86,7 @@ class CellBox:
 def locate(pixels: torch.Tensor) -> CellBox:
     """Find the white cell in one image.
 
-    pixels: uint8 tensor 3 x H x W, RGB (as `wbc_transfer.images.decode_bytes` returns it),
+    pixels: uint8 tensor 3 x H x W, RGB (as `wbc_transfer.data.images.decode_bytes` returns it),
     any size >= 1 x 1. Returns a CellBox in the image's coordinates. Never raises for a valid
     image: an image without a white cell gives found=False and a note.
     """
@@ -229,7 +229,7 @@ def model_view(pixels: torch.Tensor, size: int, view: str = "full",
     """The network's view of one decoded image: the one place where every stage, `predict`, the
     pyfunc/HTTP path and Grad-CAM turn pixels into a model input.
 
-    pixels: uint8 3 x H x W (`wbc_transfer.images.decode_bytes`). view "full": the whole image
+    pixels: uint8 3 x H x W (`wbc_transfer.data.images.decode_bytes`). view "full": the whole image
     resized to size x size (torchvision, bilinear, antialiased: the paper's resize); "cell": the
     white cell found by `locate`, cropped square and scaled so that it spans `fraction` of the
     side (`cell_view`). Returns (uint8 3 x size x size, note, CellBox or None for "full"); the

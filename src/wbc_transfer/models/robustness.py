@@ -184,7 +184,7 @@ def estimate_batchnorm(model: nn.Module, images: torch.Tensor, mean: Sequence[fl
     training images' own statistics, the layers normalise as train-mode BatchNorm does at the
     start, and the network learns (tests/test_robustness.py); nothing is then re-estimated on
     any other lab's batches, which is the point of the option."""
-    from wbc_transfer.data import MIN_TRAIN_BATCH, batches, normalise
+    from wbc_transfer.data.sets import MIN_TRAIN_BATCH, batches, normalise
 
     layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not layers or not len(images):

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wbc_transfer.config import TrainParams
-from wbc_transfer.data import TrainAugment
+from wbc_transfer.data.sets import TrainAugment
 from wbc_transfer.engine import make_optimizer as engine_make_optimizer
 from wbc_transfer.engine import parameter_groups
-from wbc_transfer.robustness import HEDJitter
+from wbc_transfer.models.robustness import HEDJitter
 
 RECIPES = ("paper", "modern")
 

@@ -11,10 +11,10 @@ import math
 
 import pandas as pd
 
-from wbc_transfer import models
-from wbc_transfer.comparison import ranking
 from wbc_transfer.config import Params
-from wbc_transfer.metrics import SUMMARY_METRICS
+from wbc_transfer.evaluation.metrics import SUMMARY_METRICS
+from wbc_transfer.models import registry as models
+from wbc_transfer.reporting.comparison import ranking
 
 LABELS = {"accuracy": "Accuracy", "precision_macro": "Precision (macro)",
           "recall_macro": "Recall (macro)", "f1_macro": "F-measure (macro)"}
@@ -24,7 +24,7 @@ ORDER = ("f1_macro", *(m for m in SUMMARY_METRICS if m != "f1_macro"))  # rows: 
 NOT_PRETRAINED = "Not pretrained (weights unavailable)"
 NOT_CHANCE = "not distinguishable from chance"
 
-# what the network saw (prepare.view, wbc_transfer.cells.model_view)
+# what the network saw (prepare.view, wbc_transfer.data.cells.model_view)
 VIEW_LABELS = {"full": "whole image", "cell": "cell crop (localised)"}
 
 
@@ -457,22 +457,22 @@ def _method(params: Params, several: bool) -> list[str]:
         f"(groups from the `groups` stage; each drawn cell brings all its images; cells drawn "
         f"within their class; seed {c.seed}), {c.confidence:.0%} level; accuracy and macro "
         "precision/recall/F1 recomputed with scikit-learn (sample weights = draw counts) on "
-        "every resample (`wbc_transfer.stats.bootstrap_ci`). They reflect the finite number of "
+        "every resample (`wbc_transfer.evaluation.stats.bootstrap_ci`). They reflect the finite number of "
         "cells, not training variability. The effective n is the number of cells.",
         "- Chance baselines: scikit-learn `DummyClassifier` fitted on the set's own labels "
         "(`most_frequent`; `stratified`, a fresh seeded draw per resample), scored on the same "
-        "resamples (`wbc_transfer.stats.chance_distribution`). Chance level = the higher upper "
+        "resamples (`wbc_transfer.evaluation.stats.chance_distribution`). Chance level = the higher upper "
         "interval end of the two baselines' macro-F1; a model is above chance when the lower "
         "end of its macro-F1 interval is above it (in every seed).",
         "- Pairwise tests: only pretrained models above chance. Paired cluster bootstrap of the "
         "macro-F1 difference: both models are scored on the same resamples of the same cells, "
         "so the per-resample difference is paired; two-sided p = 2 (k + 1) / (B + 1) with k "
-        "the resamples on the far side of zero (`wbc_transfer.stats.paired_difference`). Chosen "
+        "the resamples on the far side of zero (`wbc_transfer.evaluation.stats.paired_difference`). Chosen "
         "over McNemar's test on per-cell correctness because it tests the ranked quantity "
         "(macro-F1), is class-balanced by construction, and needs no class weights that would "
         "break McNemar's binomial null.",
         "- Holm correction (statsmodels) over the tested pairs within one (protocol, evaluation "
-        "set, seed) (`wbc_transfer.stats.holm`).",
+        "set, seed) (`wbc_transfer.evaluation.stats.holm`).",
         ("- Seeds: every seed is a separate training run; tables give mean ± sample sd across "
          "seeds beside each seed's value. Tests run per seed (all in `pairwise.csv`); "
          f"the heatmaps show seed {params.train.seeds[0]}. The summary and the \"not "

@@ -61,12 +61,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
-from wbc_transfer import models, threads, tracking, training
+from wbc_transfer import tracking
 from wbc_transfer.config import Params, TrainParams, TuneSpaceParams, train_params_for
-from wbc_transfer.data import ImageSet, last_batch
+from wbc_transfer.data.sets import ImageSet, last_batch
 from wbc_transfer.engine import Checkpoint, amp_dtype, evaluate, pick_device
+from wbc_transfer.evaluation.metrics import SUMMARY_METRICS, classification_metrics
 from wbc_transfer.io import write_csv, write_json, write_text
-from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
+from wbc_transfer.models import registry as models
+from wbc_transfer.training import threads
+from wbc_transfer.training import trainer as training
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +222,7 @@ def training_code_digest(package: Path | None = None) -> str:
     """sha256 over the package's Python sources (the tune stage's DVC dep is the package
     folder): each file's content hash, sorted, so that neither names nor order count and no
     module that decides what a trial trains can be left out. `package`: another copy (tests)."""
-    package = package or Path(__file__).parent
+    package = package or Path(__file__).parents[1]  # src/wbc_transfer, every subpackage
     hashes = sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in package.rglob("*.py"))
     return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 

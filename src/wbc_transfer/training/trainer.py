@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wbc_transfer import engine, models, recipe, robustness, threads
+from wbc_transfer import engine
 from wbc_transfer.config import TrainParams
-from wbc_transfer.data import MIN_TRAIN_BATCH, ImageSet, batch_count
+from wbc_transfer.data.sets import MIN_TRAIN_BATCH, ImageSet, batch_count
 from wbc_transfer.engine import (
     EpochStats,
     EvalResult,
@@ -31,6 +31,9 @@ from wbc_transfer.engine import (
     place_model,
     seed_everything,
 )
+from wbc_transfer.models import registry as models
+from wbc_transfer.models import robustness
+from wbc_transfer.training import recipe, threads
 
 log = logging.getLogger(__name__)
 

@@ -343,8 +343,8 @@ def rebuild(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     """A trained network in eval mode from its config (a training run.json or the pyfunc
     config: architecture, classes, image_size, mean, std, and the robustness options
     stain_norm / norm_layer) and its state dict: the one loader of evaluate, predict and the
-    served pyfunc, so each applies the same input layer (wbc_transfer.robustness)."""
-    from wbc_transfer import robustness
+    served pyfunc, so each applies the same input layer (wbc_transfer.models.robustness)."""
+    from wbc_transfer.models import robustness
 
     built = build(config["architecture"], len(config["classes"]), "none", int(config["image_size"]))
     model = robustness.adapt(built.model, config["mean"], config["std"],

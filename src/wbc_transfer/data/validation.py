@@ -1,6 +1,6 @@
 """Scan every image of the Kaggle layout once: decode it, record size/mode/class, flag problems.
 
-Decoding is `wbc_transfer.images.decode_bytes`, the decoder of every later stage, so what
+Decoding is `wbc_transfer.data.images.decode_bytes`, the decoder of every later stage, so what
 validation accepts, `split`, `prepare`, predict and HTTP read the same way. Accepted: files that
 decode and are stored as RGB (8 bits per channel, or 16 reduced to 8, stated in `note`); the EXIF
 orientation is applied and noted. Hidden files and folders (a name starting with "."), at any
@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from wbc_transfer.images import (
+from wbc_transfer.data.images import (
     IMAGE_SUFFIXES,
     ImageError,
     decode_bytes,

@@ -19,9 +19,9 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from wbc_transfer.cells import model_view
+from wbc_transfer.data.cells import model_view
 from wbc_transfer.config import CELL_FRACTION, Params
-from wbc_transfer.images import decode_file, joined
+from wbc_transfer.data.images import decode_file, joined
 from wbc_transfer.io import text_path, write_torch
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ImageSet:
     splits: list[str]
     classes: list[str]
     groups: list[str] = field(default_factory=list)  # the cell of each image (see grouping)
-    view: str = "full"  # prepare.view the images were made with (wbc_transfer.cells.model_view)
+    view: str = "full"  # prepare.view the images were made with (wbc_transfer.data.cells.model_view)
     cell_fraction: float = CELL_FRACTION  # prepare.cell_fraction (view "cell" only)
     notes: list[str] = field(default_factory=list)  # per image: decoding + localisation notes
 
@@ -110,11 +110,11 @@ class ImageSet:
 
 def decode_resized(file: Path, size: int, view: str = "full",
                    fraction: float = CELL_FRACTION) -> tuple[torch.Tensor, str]:
-    """Decode an image file and make the network's view of it (`wbc_transfer.cells.model_view`:
+    """Decode an image file and make the network's view of it (`wbc_transfer.data.cells.model_view`:
     the whole image resized, or the white cell found, cropped and scaled): (uint8 tensor
     3 x size x size, note).
 
-    Decoding is `wbc_transfer.images.decode_file`, the decoder of validate, predict and HTTP
+    Decoding is `wbc_transfer.data.images.decode_file`, the decoder of validate, predict and HTTP
     (EXIF orientation applied, 16-bit scaled to 8, conversions stated in the note); the note
     also carries the localisation's ("no white cell found ...", "2 white-cell candidates ...").
     Raises ImageError "<file>: <reason>" naming the file."""

@@ -4,7 +4,7 @@ A set (params `external.<name>`) is a folder `root/<CLASS>/...` of image files (
 below the class folder, any format the project reads) or, with `manifest`, a folder `root` and
 a CSV (relative to root) with columns `path,label` and optionally `group` (paths relative to
 root). Every file goes
-through the same check as the `validate` stage (`wbc_transfer.validation.inspect_image`: the
+through the same check as the `validate` stage (`wbc_transfer.data.validation.inspect_image`: the
 project's one decoder, the same problems, the same strict/lenient `validate.policy`).
 
 Cells: each image of an external set is its own cell (group = its path) unless the manifest
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from wbc_transfer.images import IMAGE_SUFFIXES, joined, large_image_note
+from wbc_transfer.data.images import IMAGE_SUFFIXES, joined, large_image_note
 from wbc_transfer.io import path_text, text_path
-from wbc_transfer.validation import ImageRecord, inspect_image, scan
+from wbc_transfer.data.validation import ImageRecord, inspect_image, scan
 
 RESERVED = ("validation", "paper_test", "TEST", "TEST_SIMPLE")  # evaluate's own set names
 

@@ -10,9 +10,9 @@ and two artifacts travel with it:
   on the validation cells at training time; probabilities are softmax(logits / temperature)), and
   the robustness options stain_norm, norm_layer (their statistics are buffers in the weights),
   and for a model adapted to a lab (`wbc-transfer adapt`) its split-conformal calibration
-  ``conformal`` (wbc_transfer.conformal). Any other key of the config travels with it.
+  ``conformal`` (wbc_transfer.evaluation.conformal). Any other key of the config travels with it.
 
-The network is rebuilt from code with ``wbc_transfer.models.rebuild(config, state)``, so
+The network is rebuilt from code with ``wbc_transfer.models.registry.rebuild(config, state)``, so
 the serving environment needs this package installed (``--env-manager local``).
 
 Input: a DataFrame with one column ``image`` of raw image bytes or base64 text (over HTTP: the
@@ -26,14 +26,14 @@ base64; here each row is decoded on its own. Output: one row per input row with
 image's split-conformal prediction set; models without a calibration refuse it), ``note``
 (what was converted, e.g. EXIF orientation applied, grayscale to RGB) and ``error`` (why the
 row could not be classified, e.g. not valid base64); a bad row never fails the batch. Decoding
-is `wbc_transfer.images`, the decoder of every pipeline stage. Params: ``tta`` (horizontal-flip
+is `wbc_transfer.data.images`, the decoder of every pipeline stage. Params: ``tta`` (horizontal-flip
 average), ``batch_size``, ``review_below`` (0: nothing flagged), ``sets`` (0: no `set` column).
 
 Trust: loading runs ``pyfunc_model.py`` from the model folder (as any models-from-code model
 does: the artifact store must be as trusted as the code it holds), reads MLmodel/JSON and
 loads the weights with ``weights_only=True``. Nothing is unpickled: no cloudpickle'd Python
 model (MLflow refuses those unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set), and
-`wbc_transfer.predict` refuses models that do not carry this module's metadata marker before
+`wbc_transfer.serving.predict` refuses models that do not carry this module's metadata marker before
 loading them. Image decoding (Pillow) only ever sees bytes, never a file path from a request.
 """
 
@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wbc_transfer.images import ImageError, decode, joined, large_image_note
+from wbc_transfer.data.images import ImageError, decode, joined, large_image_note
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,15 @@ INPUT_COLUMN = "image"
 
 CONFIG_KEYS = ("architecture", "image_size", "mean", "std", "classes")
 OPTIONAL_CONFIG = {"temperature": 1.0}  # older models: uncalibrated
-# robustness options (wbc_transfer.robustness): kept when present; absent = none / batchnorm;
-# `conformal`: the prediction-set calibration of an adapted model (wbc_transfer.conformal)
+# robustness options (wbc_transfer.models.robustness): kept when present; absent = none / batchnorm;
+# `conformal`: the prediction-set calibration of an adapted model (wbc_transfer.evaluation.conformal)
 OPTIONAL_CONFIG_KEYS = ("stain_norm", "norm_layer", "conformal")
-# the network's view (wbc_transfer.cells.model_view): kept when present; absent = the whole image
+# the network's view (wbc_transfer.data.cells.model_view): kept when present; absent = the whole image
 VIEW_CONFIG_KEYS = ("view", "cell_fraction")
 
 
 # ---------------------------------------------------------------------------------------------
-# preprocessing: decoding is `wbc_transfer.images.decode`, the decoder of every stage
+# preprocessing: decoding is `wbc_transfer.data.images.decode`, the decoder of every stage
 
 
 def as_bytes(value: Any) -> bytes:
@@ -124,7 +124,7 @@ class Classifier:
     @classmethod
     def from_files(cls, weights: str | Path, config: str | Path,
                    device: str | torch.device | None = None) -> Classifier:
-        from wbc_transfer import models
+        from wbc_transfer.models import registry as models
 
         cfg = read_config(config)
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -143,11 +143,11 @@ class Classifier:
 
     def preprocess(self, data: bytes) -> tuple[torch.Tensor, str]:
         """Image bytes -> (uint8 3 x S x S model input, note): the product's decoder, then the
-        view the model was trained on (`wbc_transfer.cells.model_view`, as the `prepare` stage
+        view the model was trained on (`wbc_transfer.data.cells.model_view`, as the `prepare` stage
         makes it: the whole image resized, or the white cell cropped and scaled). Raises
         ImageError for bytes that are not a readable image."""
-        from wbc_transfer.cells import model_view
         from wbc_transfer.config import CELL_FRACTION
+        from wbc_transfer.data.cells import model_view
 
         image, note = decode(data)
         note = joined(note, large_image_note(int(image.shape[-1]), int(image.shape[-2])))
@@ -173,7 +173,7 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Calibrated float N x K probabilities of uint8 N x 3 x S x S images."""
-        from wbc_transfer.data import normalise
+        from wbc_transfer.data.sets import normalise
         from wbc_transfer.engine import logits_of
 
         x = normalise(images, self.config["mean"], self.config["std"]).to(self.device)
@@ -182,9 +182,10 @@ class Classifier:
     def probabilities_and_cams(self, images: torch.Tensor,
                                tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`probabilities` and the Grad-CAM map (float N x S x S in [0, 1]) of each image's
-        predicted class, from one forward and one backward pass (`wbc_transfer.explain`)."""
-        from wbc_transfer import explain, models
-        from wbc_transfer.data import normalise
+        predicted class, from one forward and one backward pass (`wbc_transfer.evaluation.explain`)."""
+        from wbc_transfer.data.sets import normalise
+        from wbc_transfer.evaluation import explain
+        from wbc_transfer.models import registry as models
 
         x = normalise(images, self.config["mean"], self.config["std"]).to(self.device)
         layer = models.cam_layer(self.config["architecture"], self.model)
@@ -203,13 +204,13 @@ class Classifier:
         """One output row per input value; undecodable inputs get an `error`, never raise.
         `review` is true where the calibrated confidence is below `review_below`; with `sets`
         (a confidence level in (0, 1)) a `set` column lists the classes of each image's
-        split-conformal prediction set (`wbc_transfer.conformal`). Raises NoCalibrationError
+        split-conformal prediction set (`wbc_transfer.evaluation.conformal`). Raises NoCalibrationError
         when sets are asked of a model without a conformal calibration."""
         return self.classify_bytes(values, tta, batch_size, review_below, sets=sets)[0]
 
     def check_sets(self, sets: float) -> None:
         """Raise (NoCalibrationError, ValueError) unless prediction sets at `sets` can be made."""
-        from wbc_transfer import conformal
+        from wbc_transfer.evaluation import conformal
 
         if sets:
             conformal.prediction_sets(np.full((1, len(self.classes)), 1 / len(self.classes)),
@@ -220,7 +221,7 @@ class Classifier:
                        ) -> tuple[pd.DataFrame, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """`predict_bytes`'s rows and, with `explain`, row index -> (the uint8 3 x S x S image
         the network saw, its Grad-CAM map S x S) for every classified row."""
-        from wbc_transfer import conformal
+        from wbc_transfer.evaluation import conformal
 
         self.check_sets(sets)
         columns = output_columns(self.classes, bool(sets))
@@ -337,7 +338,7 @@ def file_sha256(path: str | Path) -> str:
 def config_from_run_json(info: dict[str, Any]) -> dict[str, Any]:
     """The pyfunc config from a training `run.json` (results/train/<name>/run.json), with its
     robustness options (stain_norm, norm_layer) so the served network gets the same layers."""
-    from wbc_transfer import robustness
+    from wbc_transfer.models import robustness
 
     return {"architecture": info["architecture"], "image_size": int(info["image_size"]),
             "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],

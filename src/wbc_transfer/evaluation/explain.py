@@ -1,7 +1,7 @@
 """Grad-CAM heat maps (Selvaraju et al. 2017) with captum's `LayerGradCam`, and their overlays.
 
 The layer explained is the architecture's last convolutional feature map, named per
-architecture in the registry (`wbc_transfer.models.Architecture.cam_layer`). One forward and
+architecture in the registry (`wbc_transfer.models.registry.Architecture.cam_layer`). One forward and
 one backward pass give both the logits (for the prediction) and the map: captum is handed a
 forward function that returns the explained class's logit and keeps the full logits aside, so
 `--explain` costs one backward pass more than plain prediction, not a second forward.

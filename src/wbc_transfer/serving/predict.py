@@ -11,12 +11,12 @@ very same pyfunc that `mlflow models serve` runs, so the command line and HTTP a
 A file that cannot be classified (missing, unreadable, empty, truncated, not an image, absurdly
 large) gets a row with its ``error`` and the others are still classified; conversions that were
 safe to make (EXIF orientation, 16-bit -> 8-bit, grayscale, RGBA, palette -> RGB) are stated in
-``note``. Images are decoded by `wbc_transfer.images`, the decoder of every pipeline stage.
+``note``. Images are decoded by `wbc_transfer.data.images`, the decoder of every pipeline stage.
 Hidden files and folders (names starting with ".") inside a folder are skipped. A path is
 written as `wbc_transfer.io.path_text` gives it (valid UTF-8 whatever the file name's bytes).
 
 Trust: before loading, the model's MLmodel metadata must carry the marker written by
-`wbc_transfer.serving.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
+`wbc_transfer.serving.classifier.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
 read with ``torch.load(weights_only=True)``); anything else, e.g. the pickled/pt2 `model`
 artifact of a training run, is refused without being loaded. Loading still executes the
 model's own `pyfunc_model.py` from the artifact store, as MLflow's models-from-code format
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-# (torch, MLflow and wbc_transfer.serving are imported lazily: `wbc-transfer --help` stays fast)
+# (torch, MLflow and wbc_transfer.serving.classifier are imported lazily: `wbc-transfer --help` stays fast)
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models:/wbc-classifier@champion"
@@ -66,7 +66,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], lis
     """(image files, refused links with their reason, files skipped by suffix) under `folder`,
     scanned as every stage scans (`images.walk`: hidden files skipped, links to files read,
     broken links and links to folders refused)."""
-    from wbc_transfer.images import IMAGE_SUFFIXES, walk
+    from wbc_transfer.data.images import IMAGE_SUFFIXES, walk
 
     files, refused, _ = walk(folder)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -174,7 +174,7 @@ def load_model(uri: str, tracking_uri: str | None = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from wbc_transfer.serving import MARKER_KEY
+    from wbc_transfer.serving.classifier import MARKER_KEY
 
     hint = (f"{MAKE_CHAMPION}, or pass --model with a models:/<name>@<alias>, "
             "models:/<name>/<version> or a local model folder")
@@ -224,7 +224,7 @@ REVIEW_FORMAT = 3  # the first pyfunc format (serving.FORMAT_VERSION) with `revi
 
 def format_of(model) -> int:
     """The wbc-transfer pyfunc format version a loaded model was logged with (MLmodel metadata)."""
-    from wbc_transfer.serving import MARKER_KEY
+    from wbc_transfer.serving.classifier import MARKER_KEY
 
     return int((model.metadata.metadata or {}).get(MARKER_KEY, 0))
 
@@ -254,7 +254,7 @@ def classes_of(model) -> list[str]:
 
 
 def columns(classes: Sequence[str], explain: bool = False, sets: bool = False) -> list[str]:
-    from wbc_transfer.serving import output_columns
+    from wbc_transfer.serving.classifier import output_columns
 
     return ["path", *output_columns(classes, sets), *(["explanation"] if explain else [])]
 
@@ -278,8 +278,8 @@ def predict_items(model, items: Sequence[Item], batch_size: int = 32, tta: bool 
     import pandas as pd
     from tqdm import tqdm
 
-    from wbc_transfer.explain import save_overlay
-    from wbc_transfer.images import ImageError, read_file
+    from wbc_transfer.data.images import ImageError, read_file
+    from wbc_transfer.evaluation.explain import save_overlay
 
     cols = columns(classes_of(model), explain_dir is not None, bool(sets))
     bar = tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr,

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_transfer import models, stats
 from wbc_transfer.config import Params
+from wbc_transfer.evaluation import stats
+from wbc_transfer.evaluation.metrics import SUMMARY_METRICS, classification_metrics
+from wbc_transfer.evaluation.stats import bootstrap_settings, intervals
 from wbc_transfer.io import read_json
-from wbc_transfer.metrics import SUMMARY_METRICS, classification_metrics
-from wbc_transfer.stats import bootstrap_settings, intervals
-from wbc_transfer.training import model_name
+from wbc_transfer.models import registry as models
+from wbc_transfer.training.trainer import model_name
 
 BLOCK = ["protocol", "eval_set", "seed"]
 

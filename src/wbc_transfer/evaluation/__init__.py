@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, statistics, conformal sets and Grad-CAM explanations."""

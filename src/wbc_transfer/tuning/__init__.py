@@ -1,0 +1,1 @@
+"""Tuning: the Optuna study of the tune stage."""
