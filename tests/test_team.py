@@ -26,7 +26,9 @@ from optuna.trial import TrialState
 
 from wbc_transfer.config import load_params
 from wbc_transfer.training import threads
-from wbc_transfer.tuning import study as tuning
+from wbc_transfer.tuning import objective
+from wbc_transfer.tuning import storage as tuning_storage
+from wbc_transfer.tuning import study as tuning_study
 
 from conftest import REPO_ROOT, write_params
 from team_services import Postgres, start_mlflow_server, start_postgres
@@ -195,9 +197,9 @@ def test_tuning_workers_share_one_postgres_study_and_a_killed_workers_trial_is_r
     sh(["wbc-transfer", "tune", "--arch", ARCH], repo, env, timeout=300)  # resumes, then reports
 
     params = load_params(repo / "params.yaml")
-    ctx = tuning.load_context(params, ARCH)
+    ctx = objective.load_context(params, ARCH)
     study = optuna.load_study(study_name=ctx.study_name,
-                              storage=tuning.open_storage(env["OPTUNA_STORAGE"]))
+                              storage=tuning_storage.open_storage(env["OPTUNA_STORAGE"]))
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))  # none lost, none twice
     states = [t.state for t in trials]
@@ -207,9 +209,9 @@ def test_tuning_workers_share_one_postgres_study_and_a_killed_workers_trial_is_r
     redone = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(redone) == 1 and redone[0].params == trials[killed].params  # same point, redone
     assert redone[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert sum(s in tuning.COUNTED for s in states) == TINY["tune.trials"]
+    assert sum(s in tuning_study.COUNTED for s in states) == TINY["tune.trials"]
     assert states.count(TrialState.PRUNED) >= 2 and states[0] == TrialState.COMPLETE  # baseline
-    parent = study.user_attrs[tuning.PARENT_ATTR]
+    parent = study.user_attrs[tuning_study.PARENT_ATTR]
     nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
     by_number = {int(r.data.tags["trial_number"]): r for r in nested
                  if r.data.tags.get("role") == "trial"}

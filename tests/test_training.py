@@ -18,7 +18,8 @@ from wbc_transfer.config import Params, load_params, train_params_for
 from wbc_transfer.data.sets import ImageSet
 from wbc_transfer.stages import train
 from wbc_transfer.training import trainer as training
-from wbc_transfer.tuning import study as tuning
+from wbc_transfer.tuning import objective, report
+from wbc_transfer.tuning import study as tuning_study
 
 from conftest import prepare_tiny, write_params
 
@@ -60,16 +61,16 @@ def make_params(repo: Path, prepared: Path, **overrides) -> Params:
 def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_path, prepared):
     # the tuner: one trial at TRIAL (the enqueued point; its values as --apply prints them)
     params = make_params(tmp_path / "tune", prepared)
-    ctx = tuning.load_context(params, ARCH)
-    tuning.open_study(ctx).study.enqueue_trial(TRIAL)  # after the baseline: 2 trials
-    [trial] = [t for t in tuning.search(ctx).study.trials if not t.user_attrs.get("baseline")]
+    ctx = objective.load_context(params, ARCH)
+    tuning_study.open_study(ctx).study.enqueue_trial(TRIAL)  # after the baseline: 2 trials
+    [trial] = [t for t in tuning_study.search(ctx).study.trials if not t.user_attrs.get("baseline")]
     assert trial.state.name == "COMPLETE"
     values = trial.user_attrs["train"]
     assert values == {"lr": 0.003, "head_lr_factor": 3.0, "weight_decay": 0.01,
                       "colour_jitter": 0.15, "hed_jitter": 0.0, "translate_px": 45}
-    epochs = tuning.apply_epochs(ctx.train, trial.user_attrs["best_epoch"])
+    epochs = report.apply_epochs(ctx.train, trial.user_attrs["best_epoch"])
     assert epochs == 3  # modern recipe: the trial's schedule; keep-best keeps the best epoch
-    line = tuning.apply_command({**values, "epochs": epochs})
+    line = report.apply_command({**values, "epochs": epochs})
     assert line == ("dvc exp run -S train.lr=0.003 -S train.head_lr_factor=3 "
                     "-S train.weight_decay=0.01 -S train.colour_jitter=0.15 "
                     "-S train.hed_jitter=0 -S train.translate_px=45 -S train.epochs=3")
@@ -140,7 +141,7 @@ def test_study_name_changes_with_what_changes_a_trial(tmp_path, prepared, overri
 
     def name(repo: str, **extra) -> str:
         params = load_params(write_params(tmp_path / repo, "unused", **{**base, **extra}))
-        return tuning.study_name(params, ARCH, train_set, val_set)
+        return objective.study_name(params, ARCH, train_set, val_set)
 
     assert (name("a") != name("b", **overrides)) is changes
 
@@ -149,9 +150,9 @@ def test_code_digest_covers_every_module_whatever_its_name(tmp_path):
     package = Path(wbc_transfer.__file__).parent  # the whole package, subpackages included
     copy = tmp_path / "pkg"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    assert tuning.training_code_digest(copy) == tuning.training_code_digest()
+    assert objective.training_code_digest(copy) == objective.training_code_digest()
     (copy / "models" / "robustness.py").rename(copy / "renamed.py")  # names and folders do not count
-    assert tuning.training_code_digest(copy) == tuning.training_code_digest()
+    assert objective.training_code_digest(copy) == objective.training_code_digest()
     with (copy / "renamed.py").open("a") as f:  # every module's content does
         f.write("\n# changed\n")
-    assert tuning.training_code_digest(copy) != tuning.training_code_digest()
+    assert objective.training_code_digest(copy) != objective.training_code_digest()

@@ -22,7 +22,9 @@ from optuna.trial import TrialState
 from wbc_transfer import cli, tracking
 from wbc_transfer.config import ConfigError, Params, TrainParams, load_params
 from wbc_transfer.stages import tune
-from wbc_transfer.tuning import study as tuning
+from wbc_transfer.tuning import objective
+from wbc_transfer.tuning import storage as tuning_storage
+from wbc_transfer.tuning import study as tuning_study
 
 from conftest import REPO_ROOT, prepare_tiny, terminate_when, write_params
 
@@ -104,7 +106,7 @@ def test_bad_search_space_stops_the_cli_before_any_study(tmp_path, capsys):
 
 def test_storage_urls_resolve_at_the_repo_root(tmp_path, monkeypatch):
     def url(storage):
-        return tuning.storage_url(load_params(write_params(tmp_path, "x", **{
+        return tuning_storage.storage_url(load_params(write_params(tmp_path, "x", **{
             "tune.storage": storage})))
 
     assert url(None) == f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -112,9 +114,9 @@ def test_storage_urls_resolve_at_the_repo_root(tmp_path, monkeypatch):
     assert url("sqlite:////abs/o.db") == "sqlite:////abs/o.db"
     assert url("journal:./runs/journal.log") == f"journal:{tmp_path / 'runs/journal.log'}"
     assert url("postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
-    assert tuning.public_url("postgresql://u:secret@db/optuna") == "postgresql://***@db/optuna"
+    assert tuning_storage.public_url("postgresql://u:secret@db/optuna") == "postgresql://***@db/optuna"
     exp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"  # dvc exp run --temp
-    assert tuning.storage_url(load_params(write_params(exp_copy, "x"))) == \
+    assert tuning_storage.storage_url(load_params(write_params(exp_copy, "x"))) == \
         f"sqlite:///{tmp_path / 'optuna.db'}"
     monkeypatch.setenv("OPTUNA_STORAGE", "sqlite:////elsewhere.db")
     assert url(None) == "sqlite:////elsewhere.db"
@@ -134,7 +136,7 @@ def test_tune_stage_depends_on_the_package_and_every_train_param_a_trial_reads()
     stage = yaml.safe_load((REPO_ROOT / "tune" / "dvc.yaml").read_text())["stages"]["tune"]["do"]
     assert "src/wbc_transfer" in stage["deps"]  # the folder: no module list to drift
     read = {f"train.{name}" for name in TrainParams.model_fields} - {
-        f"train.{k}" for k in tuning.NOT_IN_TRIAL}
+        f"train.{k}" for k in objective.NOT_IN_TRIAL}
     assert {p for p in stage["params"] if p.startswith("train.")} == read
 
 
@@ -210,7 +212,7 @@ def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, ti
     capsys.readouterr()
     assert cli.main(["--params", str(tmp_path / "params.yaml"), "tune", "--apply"]) == 0
     printed = capsys.readouterr().out
-    assert f"-S train.lr={tuning.fmt(best['lr'])} -S train.head_lr_factor=" in printed
+    assert f"-S train.lr={objective.fmt(best['lr'])} -S train.head_lr_factor=" in printed
 
 
 def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
@@ -219,8 +221,8 @@ def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
     params = tune_params(tmp_path, tiny, **{
         "tune.trials": 2, "tune.pruner.name": "threshold", "tune.pruner.threshold": 1.01,
         "tune.pruner.n_warmup_steps": 0})
-    ctx = tuning.load_context(params, ARCH)
-    session = tuning.search(ctx)
+    ctx = objective.load_context(params, ARCH)
+    session = tuning_study.search(ctx)
     states = [t.state for t in session.study.trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED]
     trials = trial_runs(params, session.parent_run_id)
@@ -233,7 +235,7 @@ def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
 
 def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny, monkeypatch):
     params = tune_params(tmp_path, tiny, **{"tune.epochs": 1})
-    original, calls = tuning.fit, []
+    original, calls = objective.fit, []
 
     def fit_then_ctrl_c(*args, **kwargs):
         calls.append(1)
@@ -241,18 +243,18 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
             raise KeyboardInterrupt("simulated Ctrl-C in trial 1")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tuning, "fit", fit_then_ctrl_c)
+    monkeypatch.setattr(objective, "fit", fit_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        tuning.search(tuning.load_context(params, ARCH))
-    monkeypatch.setattr(tuning, "fit", original)
+        tuning_study.search(objective.load_context(params, ARCH))
+    monkeypatch.setattr(objective, "fit", original)
 
-    first = tuning.open_study(tuning.load_context(params, ARCH))
+    first = tuning_study.open_study(objective.load_context(params, ARCH))
     assert [t.state for t in first.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     client = MlflowClient(tracking.tracking_uri(params))
     assert client.get_run(first.parent_run_id).info.status == "FAILED"
     assert trial_runs(params, first.parent_run_id)[1].data.tags["trial_state"] == "failed"
 
-    session = tuning.search(tuning.load_context(params, ARCH))  # a fresh process would do this
+    session = tuning_study.search(objective.load_context(params, ARCH))  # a fresh process would do this
     assert session.parent_run_id == first.parent_run_id  # the same study and parent run
     states = [t.state for t in session.study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
@@ -260,7 +262,7 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
     trials = session.study.trials
     assert trials[2].params != trials[1].params  # the resumed sampler does not redraw them
     assert sorted(trial_runs(params, session.parent_run_id)) == [0, 1, 2, 3]
-    assert tuning.search(tuning.load_context(params, ARCH)).study.trials[-1].number == 3
+    assert tuning_study.search(objective.load_context(params, ARCH)).study.trials[-1].number == 3
 
 
 def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
@@ -286,7 +288,7 @@ def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     trials = trial_runs(params, parent.info.run_id)
     assert trials[0].info.status == "FINISHED"
     assert trials[1].info.status == "FAILED" and trials[1].data.tags["trial_state"] == "failed"
-    session = tuning.open_study(tuning.load_context(params, ARCH))
+    session = tuning_study.open_study(objective.load_context(params, ARCH))
     assert [t.state for t in session.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert session.parent_run_id == parent.info.run_id  # a rerun continues the same study
 
@@ -318,9 +320,9 @@ def test_sigkill_mid_trial_then_rerun_fails_that_trial_and_runs_the_study_to_its
     with caplog.at_level(logging.INFO, logger="wbc_transfer"):
         assert cli.main(args) == 0
     assert "waiting for" not in caplog.text  # no trial of a live worker to wait for
-    ctx = tuning.load_context(params, ARCH)
+    ctx = objective.load_context(params, ARCH)
     study = optuna.load_study(study_name=ctx.study_name,
-                              storage=tuning.open_storage(tuning.storage_url(params)))
+                              storage=tuning_storage.open_storage(tuning_storage.storage_url(params)))
     trials = study.get_trials()
     assert trials[1].state == TrialState.FAIL
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -344,14 +346,14 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output
 
-    ctx = tuning.load_context(params, ARCH)
+    ctx = objective.load_context(params, ARCH)
     study = optuna.load_study(study_name=ctx.study_name,
-                              storage=tuning.open_storage(tuning.storage_url(params)))
+                              storage=tuning_storage.open_storage(tuning_storage.storage_url(params)))
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
-    runs = trial_runs(params, study.user_attrs[tuning.PARENT_ATTR])
+    runs = trial_runs(params, study.user_attrs[tuning_study.PARENT_ATTR])
     assert sorted(runs) == [0, 1, 2, 3]  # one MLflow run per trial, all under one parent
     assert {r.data.tags["trial_state"] for r in runs.values()} == {"complete"}
     assert {r.info.run_id for r in runs.values()} == {t.user_attrs["mlflow_run_id"]

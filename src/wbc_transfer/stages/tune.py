@@ -18,7 +18,9 @@ from wbc_transfer.config import ConfigError, Params
 from wbc_transfer.data.sets import evaluation_sets
 from wbc_transfer.engine import configure_torch
 from wbc_transfer.training.threads import policy_for as thread_policy
-from wbc_transfer.tuning import study as tuning
+from wbc_transfer.tuning.objective import load_context
+from wbc_transfer.tuning.report import apply_command, finalise, markdown
+from wbc_transfer.tuning.study import search
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,11 @@ def apply(params: Params, arch: str | None = None) -> str:
         found[name] = (value, yaml.safe_load(file.read_text())["train"])
         lines.append(f"# {name}: validation macro-F1 {value:.3f} ({file})")
     if len(archs) == 1 and found:
-        lines.append(tuning.apply_command(found[archs[0]][1]))
+        lines.append(apply_command(found[archs[0]][1]))
     elif found:
         winner = max(found, key=lambda name: found[name][0])
         lines.append(f"# best of the {len(found)} tuned architectures on validation: {winner}")
-        lines.append(tuning.apply_command(found[winner][1], arch=winner))
+        lines.append(apply_command(found[winner][1], arch=winner))
     return "\n".join(lines)
 
 
@@ -57,8 +59,8 @@ def main(params: Params, arch: str | None = None, worker: bool = False,
         raise ConfigError("tune: --arch is required (one of tune.architectures)")
     configure_torch(params.train.num_threads)
     thread_policy(params.train.num_threads)  # shares the cores with the other workers
-    ctx = tuning.load_context(params, arch)
-    session = tuning.search(ctx, worker=worker)
+    ctx = load_context(params, arch)
+    session = search(ctx, worker=worker)
     if worker:
         log.info("worker done: study %s has %d trial(s)", ctx.study_name,
                  len(session.study.trials))
@@ -66,9 +68,9 @@ def main(params: Params, arch: str | None = None, worker: bool = False,
     try:
         tests = {name: data for name, data in evaluation_sets(params, params.tune.protocol).items()
                  if name != "validation"}  # the objective's own cells: not a test set
-        summary = tuning.finalise(ctx, session, tests)
+        summary = finalise(ctx, session, tests)
     except BaseException:
         session.client.set_terminated(session.parent_run_id, "FAILED")
         raise
-    print(tuning.markdown(summary))
+    print(markdown(summary))
     return summary

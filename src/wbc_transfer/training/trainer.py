@@ -1,7 +1,7 @@
 """The one way a network is trained: built from its resolved TrainParams, fitted with
 `engine.fit`, validated every epoch, stopped early and kept at its best epoch.
 
-Every Optuna trial (`tuning.py`) calls `train_model` = `build` + `fit`; the train stage
+Every Optuna trial (`tuning/objective.py`) calls `train_model` = `build` + `fit`; the train stage
 (`stages/train.py`) calls the same two, with its checkpoint resumed between them. So a trial
 and a training run with the same parameters build the same model and reach the same per-epoch
 numbers (tests/test_training.py). What differs between them (MLflow logging, checkpoints,
