@@ -41,7 +41,7 @@ def load_base(params, uri: str | None, folder: str | None):
     if folder:
         return Classifier.from_files(Path(folder) / "weights.pt", Path(folder) / "config.json")
     from wbc_transfer import tracking
-    from wbc_transfer.serving.predict import load_model
+    from wbc_transfer.serving.loading import load_model
 
     tracking.setup(params)
     return load_model(uri or params.adapt.model).unwrap_python_model().classifier

@@ -6,7 +6,7 @@
 1. A model: EfficientNet-Lite0 at 128 px (the quick run's champion architecture and size) from
    its ImageNet weights, fitted for `--epochs` epochs on `--train-per-class` TRAIN images per
    class with the project's `engine.train_one_epoch` (SGD; a bench model, not the champion: no
-   validation, no temperature), registered by `serving.register_classifier` as
+   validation, no temperature), registered by `pyfunc.register_classifier` as
    `wbc-classifier@champion` in a SQLite store under a temporary folder. Timing does not depend
    on how well it is fitted; the screenshot is nicer when it is.
 2. `--images` TEST images spread over the four classes are copied to a temporary folder.
@@ -69,7 +69,7 @@ def fit_and_register(work: Path, per_class: int, epochs: int, size: int) -> str:
     from wbc_transfer import engine
     from wbc_transfer.data.sets import TrainAugment, build_image_set
     from wbc_transfer.models import registry as models
-    from wbc_transfer.serving import classifier as serving
+    from wbc_transfer.serving import pyfunc
 
     torch.manual_seed(0)
     built = models.build("efficientnet_lite0", len(CLASSES), "auto", size)
@@ -97,7 +97,7 @@ def fit_and_register(work: Path, per_class: int, epochs: int, size: int) -> str:
                            "weights_source": built.weights_source, "epochs": epochs,
                            "train_images": len(data), "protocol": "bench (TRAIN images only)"})
     client = MlflowClient()
-    version = serving.register_classifier(
+    version = pyfunc.register_classifier(
         client, "wbc-classifier", run.info.run_id, weights, config,
         description=f"bench model for bench/bench_app.py: {len(data)} TRAIN images, {epochs} "
                     "epochs, not evaluated (not the champion of `dvc repro`)")

@@ -54,7 +54,8 @@ def main() -> None:
 
     import mlflow
 
-    from wbc_transfer.serving.predict import collect, predict_items
+    from wbc_transfer.serving.inputs import collect
+    from wbc_transfer.serving.predict import predict_items
 
     model = mlflow.pyfunc.load_model(args.model_dir)
     classifier = model.unwrap_python_model().classifier

@@ -62,7 +62,7 @@ def register_tiny_champion(folder: Path) -> Champion:
     import mlflow
     from mlflow import MlflowClient
 
-    from wbc_transfer.serving import classifier as serving
+    from wbc_transfer.serving import pyfunc
 
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -74,7 +74,7 @@ def register_tiny_champion(folder: Path) -> Champion:
     with mlflow.start_run(experiment_id=experiment, run_name="tiny") as run:
         mlflow.log_param("architecture", config["architecture"])
     client = MlflowClient()
-    version = serving.register_classifier(client, MODEL_NAME, run.info.run_id, weights, config,
+    version = pyfunc.register_classifier(client, MODEL_NAME, run.info.run_id, weights, config,
                                           description="tiny test model")
     client.set_registered_model_alias(MODEL_NAME, ALIAS, version.version)
     _CACHE["champion"] = Champion(uri, run.info.run_id, str(version.version), weights, config)

@@ -22,7 +22,7 @@ from wbc_transfer import engine
 from wbc_transfer.cli import main as cli
 from wbc_transfer.data.sets import ImageSet
 from wbc_transfer.evaluation import conformal
-from wbc_transfer.serving import classifier as serving
+from wbc_transfer.serving import pyfunc
 from wbc_transfer.stages import adapt as stage
 from wbc_transfer.training import adapt
 
@@ -219,7 +219,7 @@ def test_adapt_registers_a_lab_version_that_predict_answers_with_sets(
     # a base whose config has a preprocessing key this code does not know: it must travel
     base_config = {**champion.config, "view": "full"}
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("tests").experiment_id) as run:
-        base = serving.register_classifier(client, MODEL_NAME, run.info.run_id, champion.weights,
+        base = pyfunc.register_classifier(client, MODEL_NAME, run.info.run_id, champion.weights,
                                            base_config)
     client.set_registered_model_alias(MODEL_NAME, "viewbase", base.version)
 

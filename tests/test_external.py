@@ -22,8 +22,10 @@ from PIL import Image
 from wbc_transfer.config import Params, load_params
 from wbc_transfer.data.validation import DataValidationError
 from wbc_transfer.io import read_json
-from wbc_transfer.serving import classifier as serving
-from wbc_transfer.serving.predict import collect, load_model, predict_items
+from wbc_transfer.serving import classifier, pyfunc
+from wbc_transfer.serving.inputs import collect
+from wbc_transfer.serving.loading import load_model
+from wbc_transfer.serving.predict import predict_items
 from wbc_transfer.stages import compare, evaluate, external, train
 
 from conftest import CLASSES, REPO_ROOT, class_files, prepare_tiny, spread, write_params
@@ -126,7 +128,7 @@ def test_stain_normalisation_is_the_same_in_evaluate_predict_and_the_pyfunc(pipe
     # the served pyfunc (models-from-code), loaded the way `wbc-transfer predict` loads it
     mlflow.set_tracking_uri(pipeline.base.tracking_uri)
     with mlflow.start_run(run_id=info["run_id"]):
-        logged = serving.log_classifier(folder / "model.pt", serving.config_from_run_json(info))
+        logged = pyfunc.log_classifier(folder / "model.pt", pyfunc.config_from_run_json(info))
     model = load_model(logged.model_uri, pipeline.base.tracking_uri)
     files = [lab / p for p in evaluated["path"]]
     rows = pd.DataFrame(list(predict_items(model, collect([str(f) for f in files]))))
@@ -143,13 +145,13 @@ def test_stain_normalisation_is_the_same_in_evaluate_predict_and_the_pyfunc(pipe
 
     # a config that forgets the layer does not fit these weights: the layer is really there
     with pytest.raises(RuntimeError, match="stain"):
-        serving.Classifier.from_files(folder / "model.pt", _config(tmp=folder, info=info))
+        classifier.Classifier.from_files(folder / "model.pt", _config(tmp=folder, info=info))
 
 
 def _config(tmp: Path, info: dict) -> Path:
     """A pyfunc config that forgets the stain layer (keys `stain.*` then do not fit)."""
     file = tmp / "config-without-stain.json"
-    config = serving.config_from_run_json(info)
+    config = pyfunc.config_from_run_json(info)
     config["stain_norm"] = "none"
     file.write_text(json.dumps(config))
     return file

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +22,13 @@ from champion_helpers import (
     register_tiny_champion,
     sixteen_bit_of,
     stored_pixels,
+    tiny_weights,
 )
 from PIL import Image
 
 from wbc_transfer.cli import main
-from wbc_transfer.serving import classifier as serving
+from wbc_transfer.data import images as decoder
+from wbc_transfer.serving import pyfunc
 
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 
@@ -57,14 +60,14 @@ def read_rows(text: str, fmt: str) -> list[dict]:
 
 def test_decode_converts_safe_modes_and_says_so(images):
     rgb = Image.open(images[0]).convert("RGB")
-    tensor, note = serving.decode(images[0].read_bytes())
+    tensor, note = decoder.decode(images[0].read_bytes())
     assert tensor.shape == (3, rgb.height, rgb.width) and note == ""
     for mode, expect in (("L", "converted L to RGB"), ("RGBA", "alpha dropped"),
                          ("P", "converted P to RGB"), ("CMYK", "converted CMYK to RGB")):
         fmt = "JPEG" if mode == "CMYK" else "PNG"
         buffer = io.BytesIO()
         rgb.convert(mode).save(buffer, format=fmt)
-        tensor, note = serving.decode(buffer.getvalue())
+        tensor, note = decoder.decode(buffer.getvalue())
         assert tensor.shape == (3, rgb.height, rgb.width), mode
         assert expect in note, (mode, note)
 
@@ -77,8 +80,8 @@ def test_decode_converts_safe_modes_and_says_so(images):
     (png_with_size(10_000, 10_000), "decompression bomb"),
 ])
 def test_decode_refuses_bad_input(data, reason):
-    with pytest.raises(serving.ImageError, match=reason):
-        serving.decode(data)
+    with pytest.raises(decoder.ImageError, match=reason):
+        decoder.decode(data)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -276,13 +279,13 @@ def test_registration_is_idempotent_per_run(champion):
 
     mlflow.set_tracking_uri(champion.tracking_uri)
     mlflow.set_registry_uri(champion.tracking_uri)
-    first = serving.ensure_classifier(champion.run_id, champion.weights, champion.config)
-    again = serving.ensure_classifier(champion.run_id, champion.weights, champion.config)
+    first = pyfunc.ensure_classifier(champion.run_id, champion.weights, champion.config)
+    again = pyfunc.ensure_classifier(champion.run_id, champion.weights, champion.config)
     assert first == again  # logged once, reused
     version = MlflowClient().get_model_version_by_alias("wbc-classifier", "champion")
-    assert serving.is_classifier_version(version) and version.run_id == champion.run_id
+    assert pyfunc.is_classifier_version(version) and version.run_id == champion.run_id
     info = mlflow.models.get_model_info(MODEL_URI)
-    assert info.metadata[serving.MARKER_KEY] == serving.FORMAT_VERSION
+    assert info.metadata[pyfunc.MARKER_KEY] == pyfunc.FORMAT_VERSION
     conf = info.flavors["python_function"]
     assert conf["model_code_path"].endswith("pyfunc_model.py")  # models from code, no pickle
     assert set(conf["artifacts"]) == {"weights", "config"}
@@ -353,3 +356,42 @@ def test_a_whole_smear_field_is_classified_with_a_note(champion, images, tmp_pat
     text = [base64.b64encode(f.read_bytes()).decode("ascii") for f in (field, images[1])]
     served = model.predict(pd.DataFrame({"image": text}))
     assert served["note"].tolist() == [note, ""]
+
+
+PRE_LAYOUT_CODE = Path(__file__).with_name("data") / "pyfunc_model_pre_layout.py"
+
+
+def test_pyfunc_code_of_earlier_versions_still_loads(tmp_path, monkeypatch):
+    """Model versions registered before the package layout carry their own `pyfunc_model.py`,
+    which imports `Classifier` and `input_values` from `wbc_transfer.serving`: a model logged
+    with that very file loads and predicts with the current package."""
+    import ast
+
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from wbc_transfer import serving
+
+    imported = {(node.module, alias.name) for node in ast.walk(ast.parse(PRE_LAYOUT_CODE.read_text()))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wbc_transfer")
+                for alias in node.names}
+    assert imported == {("wbc_transfer.serving", "Classifier"), ("wbc_transfer.serving", "input_values")}
+    assert all(hasattr(serving, name) for _, name in imported)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("old", artifact_location=(tmp_path / "mlruns").as_uri())
+    config = tiny_weights(tmp_path / "model.pt")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        pass
+    monkeypatch.setattr(pyfunc, "CODE_FILE", PRE_LAYOUT_CODE)  # logged as before the layout
+    version = pyfunc.register_classifier(MlflowClient(), "wbc-classifier", run.info.run_id,
+                                         tmp_path / "model.pt", config)
+    model = mlflow.pyfunc.load_model(f"models:/wbc-classifier/{version.version}")
+    code = Path(model.metadata.flavors["python_function"]["model_code_path"])
+    assert "package layout" in code.read_text()  # the logged file is the old one
+    out = model.predict(pd.DataFrame({"image": [encode_png(Image.new("RGB", (80, 80), (180, 90, 160)))]}))
+    assert out["error"].tolist() == [""] and out["predicted"][0] in CLASSES
+    assert sum(out[c][0] for c in PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)

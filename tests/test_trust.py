@@ -27,8 +27,8 @@ from wbc_transfer.config import load_params
 from wbc_transfer.data.sets import normalise
 from wbc_transfer.evaluation import calibration, stats
 from wbc_transfer.models import registry as models
-from wbc_transfer.serving import classifier as serving
-from wbc_transfer.serving.predict import load_model
+from wbc_transfer.serving import pyfunc
+from wbc_transfer.serving.loading import load_model
 from wbc_transfer.stages import evaluate, train
 
 from conftest import prepare_tiny, write_params
@@ -226,7 +226,7 @@ def register(folder: Path, arch: str, temperature: float) -> tuple[str, Path, di
     config)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.pt"
-    config = serving.config_from_run_json(
+    config = pyfunc.config_from_run_json(
         {**tiny_weights(weights, arch, head_std=0.5), "temperature": temperature})
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -234,7 +234,7 @@ def register(folder: Path, arch: str, temperature: float) -> tuple[str, Path, di
     with mlflow.start_run(experiment_id=experiment) as run:
         pass
     client = MlflowClient()
-    version = serving.register_classifier(client, "wbc-classifier", run.info.run_id, weights,
+    version = pyfunc.register_classifier(client, "wbc-classifier", run.info.run_id, weights,
                                           config)
     client.set_registered_model_alias("wbc-classifier", "champion", version.version)
     return uri, weights, config
@@ -307,7 +307,7 @@ def test_review_below_on_a_model_older_than_the_review_flag_is_refused(mirror, t
                                                                       monkeypatch):
     """A format-2 model (registered before `review` existed) runs its own logged code, which
     dropped review_below silently: every row came back review=False (seen on the champion)."""
-    monkeypatch.setattr(serving, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(pyfunc, "FORMAT_VERSION", 2)
     uri = register(tmp_path / "old", "efficientnet_lite0", 1.0)[0]
     monkeypatch.undo()
     files = real_images(mirror, tmp_path / "cells", per_class=1)

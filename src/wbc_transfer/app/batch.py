@@ -36,7 +36,8 @@ from typing import Any
 from wbc_transfer.app.limits import Limits
 from wbc_transfer.app.registry import Loaded
 from wbc_transfer.data.images import IMAGE_SUFFIXES, MAX_BYTES, is_hidden
-from wbc_transfer.serving.predict import Item, Writer, columns, predict_items
+from wbc_transfer.serving.inputs import Item
+from wbc_transfer.serving.predict import Writer, columns, predict_items
 
 THUMB_QUALITY = 85  # JPEG quality of the thumbnails
 CORRECTED = "corrected_label"

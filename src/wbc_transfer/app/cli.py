@@ -15,7 +15,7 @@ DEFAULT_PORT = 8765
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `wbc-transfer app`."""
-    from wbc_transfer.serving.predict import DEFAULT_MODEL
+    from wbc_transfer.serving.loading import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model chosen when the page opens (default: {DEFAULT_MODEL}); the "
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from wbc_transfer.app.server import create_app
-    from wbc_transfer.serving.predict import resolve_tracking_uri
+    from wbc_transfer.serving.loading import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.max_images < 1 or args.max_upload_mb <= 0 or args.batch_size < 1:

@@ -160,7 +160,7 @@ class Loaded:
 
 
 class ModelCache:
-    """Models loaded by `wbc_transfer.serving.predict.load_model` (the CLI's checks: marker, store),
+    """Models loaded by `wbc_transfer.serving.loading.load_model` (the CLI's checks: marker, store),
     kept by URI and registered version (an alias moved to another version loads that one);
     the least recently used is dropped beyond `size`."""
 
@@ -172,10 +172,10 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, uri: str, version: str | None = None) -> Loaded:
-        """The loaded model; raises wbc_transfer.serving.predict.ModelUnavailableError (one line)."""
+        """The loaded model; raises wbc_transfer.serving.loading.ModelUnavailableError (one line)."""
         import threading
 
-        from wbc_transfer.serving.predict import load_model
+        from wbc_transfer.serving.loading import load_model
 
         with self._lock:
             key = (uri, version or "")

@@ -34,7 +34,7 @@ from wbc_transfer.app import registry
 from wbc_transfer.app.batch import Store, expand
 from wbc_transfer.app.limits import LimitError, Limits
 from wbc_transfer.data.images import ImageError
-from wbc_transfer.serving.predict import ModelUnavailableError
+from wbc_transfer.serving.loading import ModelUnavailableError
 
 HERE = Path(__file__).parent
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from wbc_transfer.io import file_sha256
 from wbc_transfer.models import registry as models
-from wbc_transfer.serving.classifier import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ Hidden files and folders (names starting with ".") inside a folder are skipped. 
 written as `wbc_transfer.io.path_text` gives it (valid UTF-8 whatever the file name's bytes).
 
 Trust: before loading, the model's MLmodel metadata must carry the marker written by
-`wbc_transfer.serving.classifier.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
+`wbc_transfer.serving.pyfunc.log_classifier` (a models-from-code pyfunc whose weights are a state_dict
 read with ``torch.load(weights_only=True)``); anything else, e.g. the pickled/pt2 `model`
 artifact of a training run, is refused without being loaded. Loading still executes the
 model's own `pyfunc_model.py` from the artifact store, as MLflow's models-from-code format
@@ -27,226 +27,29 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from wbc_transfer.serving.inputs import Item, collect, skipped_note
+from wbc_transfer.serving.loading import (
+    DEFAULT_MODEL,
+    REVIEW_FORMAT,
+    ModelUnavailableError,
+    classes_of,
+    format_of,
+    load_model,
+    resolve_tracking_uri,
+    sets_problem,
+)
+
 # (torch, MLflow and wbc_transfer.serving.classifier are imported lazily: `wbc-transfer --help` stays fast)
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "models:/wbc-classifier@champion"
-GLOB_CHARS = set("*?[")
-
-
-class ModelUnavailableError(RuntimeError):
-    """The model URI cannot be resolved or is not a wbc-transfer pyfunc."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One output row to be: a file to classify, or an input that already failed."""
-
-    path: str
-    file: Path | None = None
-    error: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
-def _folder_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], list[Path]]:
-    """(image files, refused links with their reason, files skipped by suffix) under `folder`,
-    scanned as every stage scans (`images.walk`: hidden files skipped, links to files read,
-    broken links and links to folders refused)."""
-    from wbc_transfer.data.images import IMAGE_SUFFIXES, walk
-
-    files, refused, _ = walk(folder)
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, refused, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-
-
-def collect(paths: Sequence[str], skipped: list[str] | None = None) -> list[Item]:
-    """Expand files, folders (recursive; image suffixes only) and globs, in the order given.
-
-    Files named explicitly are always tried, whatever their suffix; a path that does not exist,
-    a glob that matches nothing, a broken symbolic link or a link to a folder met inside a
-    folder becomes an error row. Files inside folders skipped for their suffix (`.heic`,
-    `.txt`) are appended to `skipped` (their paths, as text) when a list is given."""
-    from wbc_transfer.io import path_text
-
-    items: list[Item] = []
-    seen: set[Path] = set()
-
-    def add(file: Path, shown: str) -> None:
-        key = file.resolve()
-        if key not in seen:
-            seen.add(key)
-            items.append(Item(path_text(shown), file))
-
-    def add_folder(folder: Path) -> None:
-        images, refused, other = _folder_files(folder)
-        merged = sorted([(f, "") for f in images] + refused)
-        for file, reason in merged:
-            if reason:
-                items.append(Item(path_text(str(file)), None, reason))
-            else:
-                add(file, str(file))
-        if skipped is not None:
-            skipped.extend(path_text(str(f)) for f in other)
-
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            add_folder(path)
-        elif path.exists():
-            add(path, raw)
-        elif GLOB_CHARS & set(raw):
-            matches = sorted(glob.glob(os.path.expanduser(raw), recursive=True))
-            if not matches:
-                items.append(Item(path_text(raw), None, "no file matches this pattern"))
-            for match in matches:
-                m = Path(match)
-                if m.is_dir():
-                    add_folder(m)
-                else:
-                    add(m, match)
-        elif path.is_symlink():
-            items.append(Item(path_text(raw), None, f"broken symbolic link (to "
-                                                    f"{path_text(os.readlink(path))})"))
-        else:
-            items.append(Item(path_text(raw), None, "file not found"))
-    return items
-
-
-def skipped_note(skipped: Sequence[str], shown: int = 5) -> str:
-    """', N skipped (not an image file suffix: a.heic, b.txt, ...)' for the summary, or ''."""
-    if not skipped:
-        return ""
-    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more"
-                                          if len(skipped) > shown else "")
-    return f", {len(skipped)} skipped (not an image file suffix: {names})"
-
-
-# ---------------------------------------------------------------------------------------------
-# the model
-
-
-def resolve_tracking_uri(explicit: str | None, params_file: str | None) -> str | None:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the project's store (params.yaml)."""
-    if explicit:
-        return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    try:
-        from wbc_transfer import tracking
-        from wbc_transfer.config import load_params
-
-        return tracking.tracking_uri(load_params(params_file))
-    except Exception:  # no params.yaml around: MLflow's own default
-        return None
-
-
-MAKE_CHAMPION = ("make one with `make repro` (= `dvc repro`: trains, evaluates and promotes "
-                 "the champion; `dvc repro promote` once runs are evaluated)")
-
-
-def is_local_model(uri: str) -> bool:
-    """Whether `uri` names a model folder on disk rather than a `models:/`, `runs:/` or other
-    URI (then no tracking store is needed, nor touched)."""
-    return "://" not in uri and not uri.startswith(("models:", "runs:"))
-
-
-def load_model(uri: str, tracking_uri: str | None = None):
-    """Load a wbc-transfer pyfunc; ModelUnavailableError (one clear line) if that fails.
-
-    A local folder is read as it is: no tracking store is opened (MLflow would otherwise look
-    the folder's logged-model id up in the store, and create an empty SQLite file on the way).
-    A `models:/` or `runs:/` URI on a SQLite store that does not exist yet (a fresh clone) is
-    refused with the command that makes a champion, without creating that file."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from wbc_transfer.serving.classifier import MARKER_KEY
-
-    hint = (f"{MAKE_CHAMPION}, or pass --model with a models:/<name>@<alias>, "
-            "models:/<name>/<version> or a local model folder")
-    if is_local_model(uri):
-        folder = Path(uri).expanduser()
-        if not (folder / "MLmodel").is_file():
-            raise ModelUnavailableError(
-                f"cannot load {uri}: not a model folder (no MLmodel file in it)\n  {hint}")
-        store = str(folder)
-        try:
-            info = mlflow.models.Model.load(folder)
-        except (MlflowException, OSError, ValueError) as exc:
-            raise ModelUnavailableError(f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
-    else:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        store = mlflow.get_tracking_uri()
-        if uri.startswith(("models:", "runs:")) and store.startswith("sqlite:///"):
-            db = Path(store.removeprefix("sqlite:///").split("?", 1)[0])
-            if not db.is_file():  # MLflow would silently create an empty store
-                raise ModelUnavailableError(
-                    f"cannot load {uri}: no champion yet, the tracking store {store} does not "
-                    f"exist (a fresh clone before any run); {MAKE_CHAMPION}; or set "
-                    "--tracking-uri / MLFLOW_TRACKING_URI to a store that has one, or pass "
-                    "--model with a local model folder")
-        try:
-            info = mlflow.models.get_model_info(uri)
-        except (MlflowException, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelUnavailableError(
-                f"cannot load {uri} from {store}: {first}\n  {hint}") from None
-    if MARKER_KEY not in (info.metadata or {}):
-        raise ModelUnavailableError(
-            f"{uri} is not a wbc-transfer image classifier (flavors: {sorted(info.flavors)}; "
-            f"no '{MARKER_KEY}' metadata); refusing to load it.\n  {hint}")
-    try:
-        return mlflow.pyfunc.load_model(str(Path(uri).expanduser()) if is_local_model(uri)
-                                        else uri)
-    except Exception as exc:
-        raise ModelUnavailableError(
-            f"cannot load {uri}: {type(exc).__name__}: {exc}") from None
-
-
-REVIEW_FORMAT = 3  # the first pyfunc format (serving.FORMAT_VERSION) with `review` and a temperature
-
-
-def format_of(model) -> int:
-    """The wbc-transfer pyfunc format version a loaded model was logged with (MLmodel metadata)."""
-    from wbc_transfer.serving.classifier import MARKER_KEY
-
-    return int((model.metadata.metadata or {}).get(MARKER_KEY, 0))
-
-
-SETS_FORMAT = 4  # the first pyfunc format with the `sets` param (serving.FORMAT_VERSION)
-
-
-def sets_problem(model, uri: str) -> str:
-    """Why `--sets` cannot be answered by `model` ('' when it can): an older format (its own
-    logged code would drop the param silently) or no conformal calibration in its config."""
-    if (found := format_of(model)) < SETS_FORMAT:
-        return (f"{uri} is a format-{found} model, older than prediction sets (format "
-                f"{SETS_FORMAT}); re-register it (`dvc repro promote`), or leave out --sets")
-    if not (model.metadata.metadata or {}).get("conformal"):
-        return (f"{uri} has no conformal calibration for --sets: adapt it to your lab with "
-                "labelled cells (`wbc-transfer adapt FOLDER --lab NAME --per-class K`, K >= 2) "
-                "and use models:/wbc-classifier@lab-NAME")
-    return ""
-
-
-def classes_of(model) -> list[str]:
-    return list(model.metadata.metadata["classes"])
 
 
 # ---------------------------------------------------------------------------------------------

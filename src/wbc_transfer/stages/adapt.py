@@ -21,7 +21,7 @@ from wbc_transfer import tracking
 from wbc_transfer.config import ConfigError, Params
 from wbc_transfer.engine import configure_torch, pick_device
 from wbc_transfer.io import write_csv, write_json, write_torch
-from wbc_transfer.serving import classifier as serving
+from wbc_transfer.serving import pyfunc
 from wbc_transfer.training import adapt
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def check_alias(client: MlflowClient, model_name: str, alias: str, lab: str, rep
 def main(params: Params, folder: str | Path, lab: str, per_class: int, model_uri: str | None = None,
          manifest: str | None = None, seed: int | None = None, replace: bool = False) -> dict:
     """Adapt, track, register; returns the metrics written to <adapt.out_dir>/<lab>/metrics.json."""
-    from wbc_transfer.serving.predict import ModelUnavailableError, load_model
+    from wbc_transfer.serving.loading import ModelUnavailableError, load_model
 
     a = params.adapt
     if not re.fullmatch(r"[A-Za-z0-9_-]+", lab):
@@ -111,7 +111,7 @@ def main(params: Params, folder: str | Path, lab: str, per_class: int, model_uri
             mlflow.log_artifact(str(out / name))  # images.csv: which images it learned from
         mlflow.log_metrics(tracking_metrics(metrics))
         # the very end: the registry changes only once everything above has worked
-        registered = serving.register_classifier(
+        registered = pyfunc.register_classifier(
             client, model_name, run.info.run_id, weights, result.config,
             description=f"{uri} adapted to lab {lab}: K={per_class} labelled cells per class, "
                         f"seed {seed}; macro-F1 {metrics['f1_macro']:.3f} on the lab's "

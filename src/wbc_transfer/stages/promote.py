@@ -30,7 +30,7 @@ from wbc_transfer.evaluation.metrics import classification_metrics
 from wbc_transfer.io import write_json
 from wbc_transfer.models import registry as models
 from wbc_transfer.reporting.comparison import collect, load_predictions
-from wbc_transfer.serving import classifier as serving
+from wbc_transfer.serving import classifier, pyfunc
 from wbc_transfer.training.trainer import model_name
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def rescore(params: Params, version, protocol: str) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{version.name}/{version.version}", dst_path=tmp))
-        config = serving.read_config(folder / "artifacts" / "config.json")
+        config = classifier.read_config(folder / "artifacts" / "config.json")
         state = torch.load(folder / "artifacts" / "weights.pt", map_location="cpu",
                            weights_only=True)
     if list(config["classes"]) != list(data.classes):
@@ -166,8 +166,8 @@ def register(params: Params, client: MlflowClient, best: pd.Series, reason: dict
     # the winning run as `classifier` from the trained weights if not already there
     folder = params.resolve(params.train.out_dir) / model_name(
         best["architecture"], best["protocol"], int(best["seed"]))
-    weights, config = serving.load_trained_folder(folder, best["run_id"])
-    version = serving.register_classifier(
+    weights, config = pyfunc.load_trained_folder(folder, best["run_id"])
+    version = pyfunc.register_classifier(
         client, p.model_name, best["run_id"], weights, config,
         description=f"best {p.metric} on {p.eval_set}: {best['value']:.4f}")
     client.set_registered_model_alias(p.model_name, p.alias, version.version)
@@ -209,7 +209,7 @@ def main(params: Params) -> dict[str, object]:
             decision, promoted = "no champion yet: promoted", True
         elif champion.run_id == best["run_id"]:
             decision, promoted = "same run as the champion", False
-            if not serving.is_classifier_version(champion):
+            if not pyfunc.is_classifier_version(champion):
                 decision, promoted = "same run, re-registered in the current pyfunc format", True
         else:
             value, now, how = champion_score(params, champion, digest, best["protocol"])

@@ -24,7 +24,7 @@ from wbc_transfer.evaluation import calibration
 from wbc_transfer.io import write_csv, write_json, write_torch
 from wbc_transfer.models import registry as models
 from wbc_transfer.plots import training_curves
-from wbc_transfer.serving.classifier import pip_requirements
+from wbc_transfer.serving.pyfunc import pip_requirements
 from wbc_transfer.training import trainer as training
 from wbc_transfer.training.threads import policy_for as thread_policy
 from wbc_transfer.training.trainer import Training, model_name, resolve_input

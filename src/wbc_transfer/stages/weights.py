@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from wbc_transfer.config import Params
-from wbc_transfer.io import write_json
+from wbc_transfer.io import file_sha256, write_json
 from wbc_transfer.models import registry as models
-from wbc_transfer.serving.classifier import file_sha256
 
 log = logging.getLogger(__name__)
 
