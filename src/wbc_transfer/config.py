@@ -118,7 +118,7 @@ def _none_is_empty(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_number)]
 Float = Annotated[float, BeforeValidator(_number)]
 Fraction = Annotated[float, BeforeValidator(_number), Field(gt=0, le=1)]  # (0, 1]
-# an image side in px; each architecture's minimum (models.py) is checked by Params
+# an image side in px; each architecture's minimum (models/registry.py) is checked by Params
 Side = Annotated[int, BeforeValidator(_number), Field(ge=1)]
 Zoom = Annotated[tuple[Float, ...], AfterValidator(_zoom_range)]  # [low, high]
 
