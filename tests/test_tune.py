@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -360,3 +361,19 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
                                                        for t in trials}
     print("trials per worker:", pd.Series([r.data.tags["worker"] for r in runs.values()])
           .value_counts().to_dict())
+
+
+def test_a_proxy_study_trains_on_at_most_train_per_class_images_of_each_class(tmp_path, tiny):
+    """tune.train_per_class: trials train on a per-class sample of the training split (the
+    same one every trial), validated on all the validation cells; another study than the
+    whole split's."""
+    whole = objective.load_context(tune_params(tmp_path / "whole", tiny), ARCH)
+    proxy = objective.load_context(tune_params(tmp_path / "proxy", tiny,
+                                               **{"tune.train_per_class": 5}), ARCH)
+    assert torch.bincount(proxy.fit_set.labels).tolist() == [5, 5, 5, 5]
+    assert set(proxy.fit_set.paths) < set(whole.fit_set.paths) == set(proxy.train_set.paths)
+    assert proxy.val_set.paths == whole.val_set.paths
+    assert proxy.study_name != whole.study_name
+    again = objective.load_context(tune_params(tmp_path / "again", tiny,
+                                               **{"tune.train_per_class": 5}), ARCH)
+    assert again.fit_set.paths == proxy.fit_set.paths and again.study_name == proxy.study_name

@@ -380,6 +380,9 @@ class TuneParams(Section):
     protocol: Protocol
     trials: Int = Field(ge=1)
     epochs: Int = Field(ge=1)
+    # a proxy: trials (and the final retrains) train on at most this many images per class of
+    # the training split (None: all of it)
+    train_per_class: Int | None = Field(ge=1)
     seed: Int
     timeout: Float | None = Field(gt=0)  # seconds per worker (None: until `trials` are done)
     storage: str | None  # None: sqlite:///<repo>/optuna.db; an RDB URL; journal:<file>

@@ -45,8 +45,8 @@ class Context:
 
     params: Params
     arch: str
-    train_set: ImageSet  # the protocol's training split (trials and final retrains)
-    fit_set: ImageSet  # what trials train on: the whole training split
+    train_set: ImageSet  # the protocol's whole training split
+    fit_set: ImageSet  # what trials and final retrains train on: the split or its proxy
     val_set: ImageSet  # the leak-free validation cells: the objective
     device: torch.device
     study_name: str
@@ -63,8 +63,9 @@ def load_context(params: Params, arch: str) -> Context:
     train_set, val_set = data.subset("train"), data.subset("val")
     if len(val_set) == 0:
         raise ValueError(f"tune: the {t.protocol} manifest has no validation cells")
-    return Context(params, arch, train_set, train_set, val_set, pick_device(params.train.device),
-                   study_name(params, arch, train_set, val_set),
+    fit_set = data.subset("train", t.train_per_class, t.seed)  # the proxy, when asked
+    return Context(params, arch, train_set, fit_set, val_set, pick_device(params.train.device),
+                   study_name(params, arch, fit_set, val_set),
                    train_params_for(params, arch).model_copy(update={"epochs": t.epochs}))
 
 

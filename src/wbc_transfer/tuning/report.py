@@ -56,7 +56,7 @@ def final_run(ctx: Context, session: Session, role: str, values: Mapping[str, fl
     }).info.run_id
     client.log_batch(run_id, params=run_params({
         **values, "lr_head": values["lr"] * values["head_lr_factor"], "epochs": ctx.train.epochs,
-        "train_images": len(ctx.train_set),
+        "train_images": len(ctx.fit_set),
     }))
     try:
         run = fit(ctx, values, on_epoch=lambda row, _: client.log_batch(
@@ -175,7 +175,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"Objective: macro-F1 on the {summary['val_images']} images of the leak-free validation "
         f"cells (in no training split) at the epoch keep-best keeps; the test sets were not "
         f"used in the search. Each row was then retrained as its trial was, on the "
-        f"{summary['train_images']} training images, and scored once on each test set.\n\n"
+        f"{summary['fit_images']} training images"
+        + (f" (a proxy: at most {summary['train_per_class']} per class of the "
+           f"{summary['train_images']})" if summary["fit_images"] < summary["train_images"] else "")
+        + ", and scored once on each test set.\n\n"
         + "\n".join(lines) + "\n\n"
         f"Apply the tuned settings to the training stage:\n\n    {summary['apply']}\n"
     )
@@ -207,6 +210,7 @@ def finalise(ctx: Context, session: Session, test_sets: Mapping[str, ImageSet]) 
         "study_name": ctx.study_name, "storage": session.storage, "epochs": params.tune.epochs,
         "objective": f"{OBJECTIVE} (validation macro-F1 of the kept epoch)",
         "train_images": len(ctx.train_set), "fit_images": len(ctx.fit_set),
+        "train_per_class": ctx.params.tune.train_per_class,
         "val_images": len(ctx.val_set),
         "trials": {"total": len(states), "complete": states.count(TrialState.COMPLETE),
                    "pruned": states.count(TrialState.PRUNED),
