@@ -51,11 +51,14 @@ tune:  ## Optuna search over train.lr, head_lr_factor, weight_decay, augmentatio
 	dvc repro tune/dvc.yaml
 	wbc-transfer tune --apply
 
+# Two pytest-xdist workers, one test module each at a time (module fixtures built once): most of
+# the suite waits on processes (DVC stages, servers, a browser), so two overlap on 2 cores.
+TEST_WORKERS ?= 2
 test:  ## the whole test suite, end-to-end tests through DVC, servers and a browser included
-	pytest -q
+	pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast:  ## the suite without the tests marked slow (end to end: DVC, servers, signals)
-	pytest -q -m "not slow"
+	pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint:
 	ruff check src tests bench
