@@ -25,7 +25,7 @@ from wbc_transfer import tracking
 from wbc_transfer.cli import main
 from wbc_transfer.config import load_params
 from wbc_transfer.data.sets import normalise
-from wbc_transfer.evaluation import calibration, stats
+from wbc_transfer.evaluation import calibration, scoring, stats
 from wbc_transfer.models import registry as models
 from wbc_transfer.serving import pyfunc
 from wbc_transfer.serving.loading import load_model
@@ -213,7 +213,7 @@ def test_gallery_shows_every_misclassified_cell_once_and_some_correct_ones():
     predictions = np.array([0, 1, 0, 2, 2, 0, 1])
     confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.95, 0.5, 0.9])
     groups = ["a", "a", "b", "c", "c", "d", "e"]
-    picks = evaluate.gallery_picks(labels, predictions, confidence, groups, 0, n_correct=2)
+    picks = scoring.gallery_picks(labels, predictions, confidence, groups, 0, n_correct=2)
     assert picks == [0, 2, 1, 4]  # correct: a, b (most confident each); wrong: a, c (one each)
 
 
