@@ -135,6 +135,7 @@ def trained(tmp_path_factory, mirror):
     return params, info, summary
 
 
+@pytest.mark.slow
 def test_evaluate_draws_the_bootstrap_once_per_set(trained):
     """Issue 25: the summary and the per-class intervals come from ONE bootstrap per set (the
     same resamples), not two draws of the same numbers."""
@@ -146,6 +147,7 @@ def test_evaluate_draws_the_bootstrap_once_per_set(trained):
         assert set(scores["per_class_ci"]) == set(CLASSES)
 
 
+@pytest.mark.slow
 def test_training_fits_the_temperature_on_validation_and_evaluate_applies_it(trained):
     params, info, summary = trained
     folder = params.resolve(params.train.out_dir) / "efficientnet_lite0-paper-1"
@@ -172,6 +174,7 @@ def test_training_fits_the_temperature_on_validation_and_evaluate_applies_it(tra
     assert set(review["sets"]) == {"validation", "paper_test", "TEST"}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(trained):
     params, info, _ = trained
     out = params.resolve(params.evaluate.out_dir) / "efficientnet_lite0-paper-1" / "figures"
@@ -191,6 +194,7 @@ def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(tr
     assert f"TEST_{CLASSES[0]}_f1_ci_low" in metrics and "temperature" in metrics
 
 
+@pytest.mark.slow
 def test_the_report_links_calibration_review_and_per_class_results(trained):
     from wbc_transfer.reporting.trust_report import trust_markdown
 
