@@ -14,6 +14,22 @@ Reusable pieces for any test module:
   data.root set and the split sizes shrunk) into a fresh tmp repo folder and return
   ``load_params()`` of it. Overrides use ``section__key=value`` (``split__paper__per_class=5``)
   or dotted keys via ``**{"split.seed": 7}``.
+
+Test files stay flat in tests/ (they import these helpers as ``from conftest import ...``). A
+unit-test file is named after the module it tests, without its package: ``test_<module>.py``
+(``test_cells.py`` tests ``data/cells.py``); a file named after a package or a stage tests that
+package or stage with its library module; the rest are end to end. Which file tests what:
+
+- data/: test_images, test_cells, test_sets (augmentation, normalisation), test_validation,
+  test_groups (grouping + the groups stage), test_splits (+ split), test_external, test_symlinks
+- models/: test_weights (weights cache + weights stage), test_robustness
+- training/: test_training (trainer, outputs, train stage), test_threads, test_adapt (+ adapt)
+- evaluation/: test_stats; test_trust (calibration, scoring, explain; evaluate stage)
+- reporting/: test_compare (comparison + compare stage); serving/: test_predict, test_serve,
+  test_promote (promote stage); app/: test_app; tuning/: test_tune (+ tune stage)
+- top level: test_config, test_engine, test_plots
+- end to end and repository files: test_runs, test_study, test_team, test_pipeline_data (DVC),
+  test_makefile, test_readme
 """
 
 from __future__ import annotations

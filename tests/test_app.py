@@ -280,6 +280,7 @@ def browser():
         chromium.close()
 
 
+@pytest.mark.slow
 def test_page_in_a_browser_classify_explain_correct_download(served, browser, cells, tmp_path):
     good, broken = [cells[0], cells[1]], cells[4]
     page = browser.new_page(accept_downloads=True)

@@ -144,7 +144,7 @@ def test_view_parameters_are_checked() -> None:
 
 
 def test_evaluate_refuses_a_set_prepared_with_another_view() -> None:
-    from wbc_transfer.stages.evaluate import check_views
+    from wbc_transfer.evaluation.scoring import check_views
 
     check_views("m", "cell", {"validation": "cell", "tecom": "cell"})
     with pytest.raises(ValueError, match=r"prepare\.view.*tecom was prepared with 'full'"):

@@ -86,6 +86,7 @@ def _skipped(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Stage '{stage}' didn't change, skipping" in output}
 
 
+@pytest.mark.slow
 def test_dvc_repro_validate_groups_split(repo_copy):
     repo = repo_copy
     first = _repro(repo)

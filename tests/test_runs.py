@@ -68,6 +68,7 @@ def cli_args(params: Params, stage: str, seed: int) -> list[str]:
 
 # --- 9: SIGTERM / SIGINT ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_marks_the_training_run_failed_and_the_rerun_continues_it(tmp_path, prepared):
     """A real `wbc-transfer train` process, killed with SIGTERM while its run is open."""
     params = run_params(tmp_path, prepared)
@@ -89,6 +90,7 @@ def test_sigterm_marks_the_training_run_failed_and_the_rerun_continues_it(tmp_pa
     assert run.data.params["last_batch"].startswith("merged: 1 image(s)")  # 28 = 8 x 3 + 4
 
 
+@pytest.mark.slow
 def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
         tmp_path, prepared, monkeypatch):
     """Ctrl-C (a real SIGINT to this process) during the first epoch, through the CLI: no
@@ -277,6 +279,7 @@ def test_two_prepares_give_identical_bytes(tmp_path, mini_dataset):
         assert outputs[0][protocol] == outputs[1][protocol], protocol
 
 
+@pytest.mark.slow
 def test_two_tiny_trainings_give_identical_metrics(tmp_path, prepared):
     """Same inputs, code and params on the same device: the files DVC compares are equal to
     the byte (metrics.json carried the images/s timing, evaluate's metrics.json the run id)."""
@@ -308,6 +311,7 @@ def test_two_tiny_trainings_give_identical_metrics(tmp_path, prepared):
 
 # --- 13: what the MLflow UI shows ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_experiment_holds_training_runs_with_their_datasets(tmp_path, prepared):
     """The UI opened on its GenAI view (traces) and the runs table's Dataset column was empty."""
     params = run_params(tmp_path, prepared, **{"train.epochs": 1})
@@ -341,6 +345,7 @@ def test_the_experiment_holds_training_runs_with_their_datasets(tmp_path, prepar
 
 # --- 26: the GPU run's settings on the CPU ----------------------------------------------------
 
+@pytest.mark.slow
 def test_the_gpu_runs_settings_train_and_evaluate_on_the_cpu(tmp_path, prepared):
     """`make gpu GPU_DEVICE=cpu`'s train settings (bf16 autocast forced, channels_last weights)
     run the train and evaluate stages on the CPU; the run records them; cuda without a GPU is

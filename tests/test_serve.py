@@ -118,6 +118,7 @@ def cli_rows(files: list[Path], tracking_uri: str, capsys, *extra: str) -> list[
     return list(csv.DictReader(io.StringIO(out)))
 
 
+@pytest.mark.slow
 def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, capsys):
     files = real_images(mirror, tmp_path / "cells")
     served = invoke(server, [f.read_bytes() for f in files] + [b"definitely not an image"])
@@ -140,6 +141,7 @@ def test_served_champion_matches_the_cli(mirror, champion, server, tmp_path, cap
             assert http[c] == pytest.approx(float(row[c]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_served_champion_applies_exif_orientation_and_scales_16_bit(mirror, server, tmp_path):
     """Issue 12: over HTTP too, an EXIF-rotated JPEG is read upright and a 16-bit RGB PNG is
     scaled to 8 bits, each with its note: the answers equal those of the plain images."""
@@ -157,6 +159,7 @@ def test_served_champion_applies_exif_orientation_and_scales_16_bit(mirror, serv
             assert odd[c] == pytest.approx(twin[c], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_bad_base64_row_gets_its_error_and_the_others_are_classified(mirror, champion, server,
                                                                        tmp_path, capsys):
     """One invalid row used to answer 400 for the whole batch, naming no row."""
@@ -177,6 +180,7 @@ def test_a_bad_base64_row_gets_its_error_and_the_others_are_classified(mirror, c
         assert all(bad[c] is None for c in PROB_COLUMNS)
 
 
+@pytest.mark.slow
 def test_the_http_answer_carries_the_review_flag(mirror, champion, server, tmp_path, capsys):
     """Issue 14: `review_below` as a request parameter flags exactly the rows whose calibrated
     confidence is below it, as `--review-below` does on the command line."""

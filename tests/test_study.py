@@ -67,6 +67,7 @@ def params_in(repo: Path, mini_dataset: Path, **overrides) -> Params:
     return study_params(repo, mini_dataset, **overrides)
 
 
+@pytest.mark.slow
 def test_study_end_to_end_tracks_runs_and_promotes_a_champion(prepared: Path, mini_dataset: Path):
     params = params_in(prepared, mini_dataset, **{
         "train.overrides": {"efficientnet_lite0": {"input_size": 48}, "alexnet": {}}})
@@ -135,6 +136,7 @@ def _interrupt_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Checkpoint, "save", save_then_stop)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_gives_the_same_weights(
     prepared: Path, mini_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ):

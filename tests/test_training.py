@@ -58,6 +58,7 @@ def make_params(repo: Path, prepared: Path, **overrides) -> Params:
     return load_params(write_params(repo, "unused", **settings))
 
 
+@pytest.mark.slow
 def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_path, prepared):
     # the tuner: one trial at TRIAL (the enqueued point; its values as --apply prints them)
     params = make_params(tmp_path / "tune", prepared)

@@ -25,7 +25,7 @@ from wbc_transfer import tracking
 from wbc_transfer.cli import main
 from wbc_transfer.config import load_params
 from wbc_transfer.data.sets import normalise
-from wbc_transfer.evaluation import calibration, stats
+from wbc_transfer.evaluation import calibration, scoring, stats
 from wbc_transfer.models import registry as models
 from wbc_transfer.serving import pyfunc
 from wbc_transfer.serving.loading import load_model
@@ -135,6 +135,7 @@ def trained(tmp_path_factory, mirror):
     return params, info, summary
 
 
+@pytest.mark.slow
 def test_evaluate_draws_the_bootstrap_once_per_set(trained):
     """Issue 25: the summary and the per-class intervals come from ONE bootstrap per set (the
     same resamples), not two draws of the same numbers."""
@@ -146,6 +147,7 @@ def test_evaluate_draws_the_bootstrap_once_per_set(trained):
         assert set(scores["per_class_ci"]) == set(CLASSES)
 
 
+@pytest.mark.slow
 def test_training_fits_the_temperature_on_validation_and_evaluate_applies_it(trained):
     params, info, summary = trained
     folder = params.resolve(params.train.out_dir) / "efficientnet_lite0-paper-1"
@@ -172,6 +174,7 @@ def test_training_fits_the_temperature_on_validation_and_evaluate_applies_it(tra
     assert set(review["sets"]) == {"validation", "paper_test", "TEST"}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(trained):
     params, info, _ = trained
     out = params.resolve(params.evaluate.out_dir) / "efficientnet_lite0-paper-1" / "figures"
@@ -191,6 +194,7 @@ def test_evaluate_writes_calibration_figures_and_grad_cam_galleries_to_mlflow(tr
     assert f"TEST_{CLASSES[0]}_f1_ci_low" in metrics and "temperature" in metrics
 
 
+@pytest.mark.slow
 def test_the_report_links_calibration_review_and_per_class_results(trained):
     from wbc_transfer.reporting.trust_report import trust_markdown
 
@@ -213,7 +217,7 @@ def test_gallery_shows_every_misclassified_cell_once_and_some_correct_ones():
     predictions = np.array([0, 1, 0, 2, 2, 0, 1])
     confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.95, 0.5, 0.9])
     groups = ["a", "a", "b", "c", "c", "d", "e"]
-    picks = evaluate.gallery_picks(labels, predictions, confidence, groups, 0, n_correct=2)
+    picks = scoring.gallery_picks(labels, predictions, confidence, groups, 0, n_correct=2)
     assert picks == [0, 2, 1, 4]  # correct: a, b (most confident each); wrong: a, c (one each)
 
 

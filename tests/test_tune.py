@@ -163,6 +163,7 @@ def test_apply_names_the_architecture_whose_study_won(tmp_path, capsys):
 
 # --- the study --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, tiny, capsys):
     params = tune_params(tmp_path, tiny)
     summary = tune.main(params, arch=ARCH)
@@ -216,6 +217,7 @@ def test_stage_searches_then_reports_best_and_baseline_on_the_tests(tmp_path, ti
     assert f"-S train.lr={objective.fmt(best['lr'])} -S train.head_lr_factor=" in printed
 
 
+@pytest.mark.slow
 def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
     # a threshold above any macro-F1 prunes every trial after its first epoch, except the
     # baseline (trial 0), which is never pruned
@@ -234,6 +236,7 @@ def test_pruned_trial_is_recorded_as_pruned(tmp_path, tiny):
     assert [m.step for m in client.get_metric_history(trials[1].info.run_id, "val_f1_macro")] == [1]
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny, monkeypatch):
     params = tune_params(tmp_path, tiny, **{"tune.epochs": 1})
     original, calls = objective.fit, []
@@ -266,6 +269,7 @@ def test_interrupted_study_resumes_and_continues_the_trial_count(tmp_path, tiny,
     assert tuning_study.search(objective.load_context(params, ARCH)).study.trials[-1].number == 3
 
 
+@pytest.mark.slow
 def test_sigterm_fails_the_running_trial_and_the_parent_run(tmp_path, tiny):
     """A real `wbc-transfer tune` process gets SIGTERM during trial 1: its MLflow runs end
     FAILED (they stayed RUNNING forever), the Optuna trial FAIL, and the rerun continues."""
@@ -333,6 +337,7 @@ def test_sigkill_mid_trial_then_rerun_fails_that_trial_and_runs_the_study_to_its
     assert client.get_run(running[0].info.run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, tiny):
     params = tune_params(tmp_path, tiny, **{
         "tune.trials": 4, "tune.epochs": 1, "tune.storage": "journal:optuna-journal.log"})

@@ -415,6 +415,7 @@ def test_dvc_repro_stops_before_any_training_when_weights_are_missing(repo_copy:
 # -- 4. the study's table when the weights are there -----------------------------------------
 
 
+@pytest.mark.slow
 def test_study_with_cached_imagenet_weights_is_marked_pretrained(
     prepared: Path, mini_dataset: Path, cached: Path,  # noqa: F811
 ):

@@ -8,22 +8,29 @@ depth, are not data and are not scanned. A symbolic link to a file is read as th
 broken link or a link to a folder is a problem naming where it points (`images.walk`). Each
 file's SHA-256 finds exact duplicates (`duplicates`); the same bytes under two classes is a
 label conflict, a problem. Paths are written as `wbc_transfer.io.path_text` gives them (valid
-UTF-8 whatever the name's bytes).
+UTF-8 whatever the name's bytes). `validate` turns a scan into the `validate` stage's tables
+(problems, sizes, duplicates, the index of usable images) and `Validation.report` into its
+report.json; `enforce_policy` stops or warns on problems.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+import pandas as pd
 
 from wbc_transfer.data.images import (
     IMAGE_SUFFIXES,
     ImageError,
     decode_bytes,
+    joined,
+    large_image_note,
     link_problem,
     read_file,
     walk,
@@ -171,3 +178,127 @@ def duplicates(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[
         records = [replace(r, problem=conflicts[r.path]) if r.path in conflicts and r.ok else r
                    for r in records]
     return list(records), rows
+
+
+def check_layout(images_dir: Path) -> None:
+    """DataValidationError unless `images_dir` holds the TRAIN and TEST folders."""
+    for required in ("TRAIN", "TEST"):
+        if not (images_dir / required).is_dir():
+            raise DataValidationError(
+                f"{images_dir / required} not found. Is the dataset in place? "
+                f"Run `dvc repro` (imports it via data.dvc) or set data.root in params.yaml "
+                f"to a copy of the Kaggle layout (see docs/pipeline.md, 'Data')."
+            )
+
+
+@dataclass
+class Validation:
+    """One validation of the images folder: the tables the `validate` stage writes."""
+
+    scanned_files: int
+    problems: pd.DataFrame  # path, problem (files, then folders)
+    sizes: pd.DataFrame  # folder, width, height, count of the usable images
+    duplicates: pd.DataFrame  # sha256, path, folder, label (exact duplicates)
+    usable: pd.DataFrame  # the usable images, `note` with the large-image note added
+    modes: dict[str, int]
+    conversions: Counter  # note -> usable images converted so on decoding
+    large_images: int
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """validate.index: path, folder, label, width, height, note of the usable images."""
+        return self.usable[["path", "folder", "label", "width", "height", "note"]]
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {folder: {c: int(n) for c, n in sorted(Counter(g["label"]).items())}
+                for folder, g in self.usable.groupby("folder")}
+
+    def report(self, images_dir: str, policy: str) -> dict[str, object]:
+        """report.json (`images_dir` as it should be written)."""
+        dups = self.duplicates
+        return {
+            "images_dir": images_dir,
+            "policy": policy,
+            "scanned_files": self.scanned_files,
+            "usable_images": int(len(self.usable)),
+            "problems": int(len(self.problems)),
+            "counts": self.counts,
+            "modes": self.modes,
+            # usable images that were converted on decoding (every stage converts them alike)
+            "conversions": {note: int(n) for note, n in sorted(self.conversions.items())},
+            "large_images": self.large_images,
+            # exact duplicates (same bytes); the groups are listed in duplicates.csv
+            "duplicates": {
+                "groups": int(dups["sha256"].nunique()),
+                "files": int(len(dups)),
+                "groups_across_classes": _groups_spanning(dups, "label"),
+                "groups_across_folders": _groups_spanning(dups, "folder"),
+            },
+        }
+
+
+def validate(images_dir: Path, classes: Sequence[str], folders: Sequence[str]) -> Validation:
+    """Scan `images_dir` (`scan`, `duplicates`) and tabulate what the `validate` stage writes;
+    warns about every image far larger than a cell crop (`images.large_image_note`)."""
+    records, folder_problems = scan(images_dir, classes, folders)
+    records, duplicate_rows = duplicates(records)
+    frame = pd.DataFrame(as_rows(records), columns=[f.name for f in fields(ImageRecord)])
+    bad = frame[frame["problem"] != ""] if len(frame) else frame
+    good = frame[frame["problem"] == ""] if len(frame) else frame
+    problems = pd.concat(
+        [
+            bad[["path", "problem"]] if len(bad) else pd.DataFrame(columns=["path", "problem"]),
+            pd.DataFrame([{"path": p.path, "problem": p.problem} for p in folder_problems],
+                         columns=["path", "problem"]),
+        ]
+    ).reset_index(drop=True)
+    sizes = (
+        good.groupby(["folder", "width", "height"]).size().rename("count").reset_index()
+        if len(good) else pd.DataFrame(columns=["folder", "width", "height", "count"])
+    )
+    dups = pd.DataFrame(duplicate_rows, columns=["sha256", "path", "folder", "label"])
+    conversions = Counter(good["note"][good["note"] != ""]) if len(good) else Counter()
+    large_images = 0
+    if len(good):  # a whole smear field trains as if it were one cell: say so in the index
+        large = [large_image_note(w, h) for w, h in zip(good["width"], good["height"],
+                                                          strict=True)]
+        good = good.assign(note=[joined(n, extra) for n, extra in zip(good["note"], large,
+                                                                       strict=True)])
+        for path, extra in zip(good["path"], large, strict=True):
+            if extra:
+                log.warning("%s: %s", path, extra)
+        large_images = int(sum(map(bool, large)))
+    modes = {m: int(n) for m, n in Counter(good["mode"]).items()} if len(good) else {}
+    return Validation(int(len(frame)), problems, sizes, dups, good, modes, conversions, large_images)
+
+
+def enforce_policy(validation: Validation, policy: str, images_dir: Path, out: Path) -> None:
+    """DataValidationError listing the problems under validate.policy=strict; otherwise
+    warnings: the excluded files, the conversions on decoding, the exact duplicates (the
+    tables are under `out`)."""
+    problems, dups = validation.problems, validation.duplicates
+    if len(problems):
+        listing = "\n".join(f"  {r.path}: {r.problem}" for r in problems.head(50).itertuples())
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        if policy == "strict":
+            raise DataValidationError(
+                f"{len(problems)} data problem(s) under {images_dir} (validate.policy=strict; "
+                f"full list in {out / 'problems.csv'}):\n{listing}{more}\n"
+                "Fix or remove these files, or run with -S validate.policy=lenient to exclude "
+                "them (they stay listed in problems.csv)."
+            )
+        log.warning("excluding %d problem file(s) (validate.policy=lenient):\n%s%s",
+                    len(problems), listing, more)
+    if validation.conversions:
+        log.warning("converted on decoding (every stage reads them so):\n%s",
+                    "\n".join(f"  {n} image(s): {note}"
+                              for note, n in sorted(validation.conversions.items())))
+    if len(dups):
+        log.warning("%d exact duplicate file(s) in %d group(s), listed in %s",
+                    len(dups), dups["sha256"].nunique(), out / "duplicates.csv")
+
+
+def _groups_spanning(dups: pd.DataFrame, column: str) -> int:
+    """Duplicate groups whose files lie under more than one value of `column`."""
+    return int((dups.groupby("sha256")[column].nunique() > 1).sum()) if len(dups) else 0

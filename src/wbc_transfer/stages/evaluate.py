@@ -14,55 +14,22 @@ before/after, a reliability diagram, the risk-coverage curve, per-class precisio
 with cluster-bootstrap intervals and the row-normalised confusion matrix. The review threshold
 is the lowest confidence whose kept validation images reach `evaluate.review_accuracy`; its
 coverage is reported on every set. Sets in `evaluate.gallery_sets` get Grad-CAM galleries.
+The per-set work is `wbc_transfer.evaluation.scoring`.
 """
 
 from __future__ import annotations
 
-import logging
-
-import mlflow
-import numpy as np
 import pandas as pd
-import torch
 
 from wbc_transfer import tracking
 from wbc_transfer.config import Params
-from wbc_transfer.data.sets import ImageSet, evaluation_sets, normalise
-from wbc_transfer.engine import amp_dtype, configure_torch, evaluate, pick_device, place_model
-from wbc_transfer.evaluation import calibration
-from wbc_transfer.evaluation.explain import grad_cam, overlay
-from wbc_transfer.evaluation.metrics import SUMMARY_METRICS, classification_metrics
-from wbc_transfer.evaluation.stats import balanced_cell_accuracy, bootstrap_settings, set_intervals
-from wbc_transfer.io import read_json, write_csv, write_json
-from wbc_transfer.models import registry as models
-from wbc_transfer.plots import (
-    confusion_matrix,
-    confusion_matrix_normalised,
-    gallery,
-    reliability_diagram,
-    risk_coverage_curves,
-)
+from wbc_transfer.data.sets import evaluation_sets
+from wbc_transfer.engine import amp_dtype, configure_torch, pick_device, place_model
+from wbc_transfer.evaluation.scoring import check_views, load_trained, log_review, review_summary, score_set
+from wbc_transfer.evaluation.stats import bootstrap_settings
+from wbc_transfer.io import write_json
 from wbc_transfer.training.threads import policy_for as thread_policy
 from wbc_transfer.training.trainer import model_name
-
-log = logging.getLogger(__name__)
-
-
-def load_trained(params: Params, name: str) -> tuple[torch.nn.Module, dict]:
-    folder = params.resolve(params.train.out_dir) / name
-    info = read_json(folder / "run.json")
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    return models.rebuild(info, state), info
-
-
-def check_views(model: str, view: str, set_views: dict[str, str]) -> None:
-    """ValueError naming prepare.view when an evaluation set was prepared with another view than
-    the model was trained on (a set made before `prepare.view` changed, not yet re-prepared)."""
-    wrong = {s: v for s, v in set_views.items() if v != view}
-    if wrong:
-        raise ValueError(f"{model} was trained on the {view!r} view (prepare.view), but "
-                         + ", ".join(f"{s} was prepared with {v!r}" for s, v in wrong.items())
-                         + ": rerun `dvc repro prepare` and the external@ stages")
 
 
 def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, object]:
@@ -73,196 +40,26 @@ def main(params: Params, arch: str, protocol: str, seed: int) -> dict[str, objec
     device = pick_device(params.train.device)
     model, info = load_trained(params, name)
     model = place_model(model, device, params.evaluate.channels_last)
-    classes = info["classes"]
-    results: dict[str, object] = {}
-    curves: dict[str, pd.DataFrame] = {}
-    confidences: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
     amp = amp_dtype(device, params.train.amp)
-    temperature = float(info.get("temperature", 1.0))  # fitted on the validation cells (train)
     sets = evaluation_sets(params, protocol)
     check_views(name, info.get("view", "full"), {s: d.view for s, d in sets.items()})
+    results: dict[str, object] = {}
+    curves: dict[str, pd.DataFrame] = {}
+    confidences: dict[str, tuple] = {}
     with tracking.run(params, run_id=info["run_id"]):
         for set_name, data in sets.items():
-            data = data.resized(int(info["image_size"]))
-            r = evaluate(model, data, info["mean"], info["std"], device, params.evaluate.batch_size,
-                         amp, tta=params.evaluate.tta, temperature=temperature)
-            groups = data.groups or data.paths
-            scores = classification_metrics(r.labels, r.predictions, classes)
-            scores["n_cells"] = int(len(set(groups)))
-            scores["cell_accuracy"] = balanced_cell_accuracy(r.labels == r.predictions, groups,
-                                                             r.labels)
-            # one bootstrap for the summary and the per-class intervals (same resamples)
-            scores["ci"], scores["per_class_ci"] = set_intervals(params, r.labels, r.predictions,
-                                                                 classes, groups)
-            scores["calibration"] = calibration_scores(params, r, name, set_name, out)
-            confidence = r.probabilities.max(axis=1)
-            correct = r.labels == r.predictions
-            curves[set_name] = calibration.risk_coverage(confidence, correct, groups)
-            confidences[set_name] = (confidence, correct, list(groups))
-            write_csv(out / "figures" / f"risk_coverage_{set_name}.csv", curves[set_name])
-            results[set_name] = scores
-            frame = pd.DataFrame({
-                "path": data.paths,
-                "group": groups,
-                "actual": [classes[i] for i in r.labels],
-                "predicted": [classes[i] for i in r.predictions],
-                **{f"p_{c}": np.round(r.probabilities[:, i], 6) for i, c in enumerate(classes)},
-            })
-            write_csv(out / "predictions" / f"{set_name}.csv", frame)
-            matrix = np.array(scores["confusion_matrix"])
-            write_csv(out / "figures" / f"confusion_{set_name}.csv",
-                      pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("actual")
-                      .reset_index())
-            title = (f"{name} on {set_name} (n={scores['n']} images, {scores['n_cells']} cells, "
-                     f"acc {scores['accuracy']:.3f})")
-            png = confusion_matrix(matrix, classes, title, out / "figures" / f"confusion_{set_name}.png")
-            normalised = confusion_matrix_normalised(
-                matrix, classes, f"{name} on {set_name}, share of each true class",
-                out / "figures" / f"confusion_normalised_{set_name}.png")
-            per_class = per_class_frame(scores)
-            write_csv(out / "figures" / f"per_class_{set_name}.csv", per_class)
-            mlflow.log_metrics({f"{set_name}_{m}": float(scores[m])
-                                for m in (*SUMMARY_METRICS, "cell_accuracy", "n_cells")})
-            mlflow.log_metrics({f"{set_name}_{m}_ci_{end}": float(v)
-                                for m, ci in scores["ci"].items()
-                                for end, v in zip(("low", "high"), ci, strict=True)})
-            mlflow.log_metrics({f"{set_name}_{c}_{m}": float(per_class_row[m])
-                                for c, per_class_row in per_class.set_index("class").iterrows()
-                                for m in per_class.columns if m != "class"
-                                and pd.notna(per_class_row[m])})
-            mlflow.log_metrics({f"{set_name}_{k}": float(v)
-                                for k, v in scores["calibration"].items()
-                                if isinstance(v, float) and not np.isnan(v)})
-            for artifact in (png, normalised, out / "figures" / f"confusion_{set_name}.csv",
-                             out / "figures" / f"per_class_{set_name}.csv",
-                             out / "figures" / f"reliability_{set_name}.png",
-                             out / "figures" / f"reliability_{set_name}.csv",
-                             out / "figures" / f"risk_coverage_{set_name}.csv"):
-                mlflow.log_artifact(str(artifact), artifact_path="evaluation")
-            if set_name in params.evaluate.gallery_sets:
-                for file in gradcam_galleries(model, data, r, info, name, set_name,
-                                              params.evaluate.gallery_correct, device,
-                                              out / "figures"):
-                    mlflow.log_artifact(str(file), artifact_path="gradcam")
-            log.info("%s on %s: accuracy %.3f, macro-F1 %.3f, class-balanced per-cell accuracy %.3f "
-                     "(n=%d images, %d cells)", name, set_name, scores["accuracy"],
-                     scores["f1_macro"], scores["cell_accuracy"], scores["n"], scores["n_cells"])
+            scored = score_set(params, model, info, name, set_name, data, device, amp, out)
+            results[set_name], curves[set_name], confidences[set_name] = scored
         review = review_summary(params, curves, confidences)
-        risk_png = risk_coverage_curves(
-            curves, f"{name}: risk-coverage (review below {_fmt(review['threshold'])})",
-            out / "figures" / "risk_coverage.png", params.evaluate.review_accuracy,
-            review["threshold"])
-        mlflow.log_artifact(str(risk_png), artifact_path="evaluation")
-        mlflow.log_metrics({f"review_{k}": float(v) for k, v in
-                            (("threshold", review["threshold"]),
-                             *((f"coverage_{s}", c["coverage"])
-                               for s, c in review["sets"].items()))
-                            if v is not None and not np.isnan(v)})
+        log_review(params, name, curves, review, out)
     # the run id changes with every training run: beside the metrics, not in them (DVC compares
     # metrics.json across runs and experiments)
     write_json(out / "run.json", {"model": name, "run_id": info["run_id"]})
     summary = {"model": name, "architecture": arch,
                "protocol": protocol, "seed": seed, "weights_source": info["weights_source"],
                "recipe": info.get("recipe", "paper"), "tta": bool(params.evaluate.tta),
-               "view": info.get("view", "full"),
-               "bootstrap": bootstrap_settings(params), "temperature": temperature,
+               "view": info.get("view", "full"), "bootstrap": bootstrap_settings(params),
+               "temperature": float(info.get("temperature", 1.0)),  # fitted at training time
                "review": review, "sets": results}
     write_json(out / "metrics.json", summary)
     return summary
-
-
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else f"{value:.3f}"
-
-
-def per_class_frame(scores: dict) -> pd.DataFrame:
-    """class, precision, recall, f1, support and the per-class interval ends (if any)."""
-    frame = pd.DataFrame(scores["per_class"]).T.rename_axis("class").reset_index()
-    for metric in ("precision", "recall", "f1"):
-        for k, end in enumerate(("low", "high")):
-            frame[f"{metric}_ci_{end}"] = [scores.get("per_class_ci", {}).get(c, {})
-                                           .get(metric, [np.nan, np.nan])[k] for c in frame["class"]]
-    return frame
-
-
-def calibration_scores(params: Params, r, name: str, set_name: str, out) -> dict[str, object]:
-    """ECE (equal-width bins, torchmetrics), Brier score and NLL before/after temperature
-    scaling for one set; writes the reliability table (CSV) and diagram (PNG)."""
-    bins = params.evaluate.calibration_bins
-    before = calibration.softmax(r.logits)
-    after = r.probabilities
-    table_before = calibration.reliability_table(before, r.labels, bins)
-    table_after = calibration.reliability_table(after, r.labels, bins)
-    write_csv(out / "figures" / f"reliability_{set_name}.csv",
-              pd.concat([table_before.assign(scaling="uncalibrated"),
-                         table_after.assign(scaling="temperature")]))
-    result: dict[str, object] = {
-        "binning": f"equal-width, {bins} bins", "temperature": r.temperature,
-        "ece": calibration.ece(after, r.labels, bins),
-        "ece_uncalibrated": calibration.ece(before, r.labels, bins),
-        "brier": calibration.brier(after, r.labels),
-        "brier_uncalibrated": calibration.brier(before, r.labels),
-        "nll": calibration.nll(r.logits, r.labels, r.temperature) if len(r.labels) else np.nan,
-        "nll_uncalibrated": calibration.nll(r.logits, r.labels) if len(r.labels) else np.nan,
-    }
-    reliability_diagram(table_before, table_after,
-                        f"{name} on {set_name}\nECE {result['ece_uncalibrated']:.3f} -> "
-                        f"{result['ece']:.3f} (T = {r.temperature:.2f})",
-                        out / "figures" / f"reliability_{set_name}.png")
-    return result
-
-
-def review_summary(params: Params, curves: dict[str, pd.DataFrame],
-                   confidences: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]) -> dict:
-    """The review threshold chosen on the validation cells (lowest calibrated confidence whose
-    kept images reach evaluate.review_accuracy) and what it keeps on every set."""
-    target = params.evaluate.review_accuracy
-    threshold = calibration.review_threshold(curves["validation"], target) \
-        if "validation" in curves else None
-    return {"target_accuracy": target, "chosen_on": "validation", "threshold": threshold,
-            "sets": {s: calibration.coverage_at(conf, correct, threshold, groups)
-                     for s, (conf, correct, groups) in confidences.items()}}
-
-
-def gallery_picks(labels: np.ndarray, predictions: np.ndarray, confidence: np.ndarray,
-                  groups: list[str], label: int, n_correct: int) -> list[int]:
-    """Image indices for one class's gallery: one image per cell (group), the most confident
-    one; the first `n_correct` cells (by name) with a correctly classified image, then every
-    cell with a misclassified image (its most confident mistake)."""
-    frame = pd.DataFrame({"group": groups, "label": labels, "pred": predictions,
-                          "conf": confidence})
-    frame = frame[frame["label"] == label]
-    frame["correct"] = frame["label"] == frame["pred"]
-    best = frame.sort_values(["group", "conf"], ascending=[True, False], kind="stable")
-    right = best[best["correct"]].drop_duplicates("group").head(n_correct)
-    wrong = best[~best["correct"]].drop_duplicates("group")
-    return [*right.index, *wrong.index]
-
-
-def gradcam_galleries(model, data: ImageSet, r, info: dict, name: str, set_name: str,
-                      n_correct: int, device, folder) -> list:
-    """One Grad-CAM gallery PNG per class (`gallery_picks`; the map of the predicted class);
-    returns the files written."""
-    classes = info["classes"]
-    groups = list(data.groups or data.paths)
-    confidence = r.probabilities.max(axis=1)
-    layer = models.cam_layer(info["architecture"], model)
-    files = []
-    for k, cls in enumerate(classes):
-        picks = gallery_picks(r.labels, r.predictions, confidence, groups, k, n_correct)
-        if not picks:
-            continue
-        pictures, captions = [], []
-        for start in range(0, len(picks), 16):
-            idx = picks[start:start + 16]
-            x = normalise(data.images[idx].to(device), info["mean"], info["std"])
-            _, cams = grad_cam(model, layer, x, torch.as_tensor(r.predictions[idx]))
-            for i, cam in zip(idx, cams, strict=True):
-                pictures.append(np.asarray(overlay(data.images[i], cam)))
-                verdict = "ok" if r.labels[i] == r.predictions[i] else "WRONG"
-                captions.append(f"{verdict}: {classes[r.predictions[i]].lower()} "
-                                f"p={confidence[i]:.2f}\ncell {str(groups[i])[-24:]}")
-        files.append(gallery(pictures, captions,
-                             f"{name} on {set_name}, true {cls}: Grad-CAM of the predicted class "
-                             f"({len(picks)} cells)", folder / f"gradcam_{set_name}_{cls}.png"))
-    return files
