@@ -63,6 +63,18 @@ class HEDJitter:
         return out.transpose(1, 2).reshape(rgb.shape)
 
 
+def hed_log_transform(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`HEDJitter`'s per-image map folded into log space: for alpha, beta N x 3 (or N x 1 x 3),
+    (matrix N x 3 x 3, offset N x 1 x 3) with jittered rgb = exp(log(rgb) @ matrix + offset) for
+    row-vector pixels. The same map: exp(-((-log rgb) @ HED_FROM_RGB * alpha + beta) @
+    RGB_FROM_HED) = exp(log rgb @ (HED_FROM_RGB diag(alpha) RGB_FROM_HED) - beta @ RGB_FROM_HED);
+    one 3 x 3 product per pixel instead of two (`augment.FastAugment`)."""
+    alpha, beta = alpha.reshape(-1, 1, 3), beta.reshape(-1, 1, 3)
+    hed_from_rgb, rgb_from_hed = HED_FROM_RGB.to(alpha), RGB_FROM_HED.to(alpha)
+    matrix = (hed_from_rgb * alpha) @ rgb_from_hed  # columns of HED_FROM_RGB scaled by alpha
+    return matrix, -(beta @ rgb_from_hed)
+
+
 def lab_statistics(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Per-image CIELAB mean and std: uint8 N x 3 x H x W RGB -> float32 N x 2 x 3
     ([:, 0] means, [:, 1] standard deviations of L, a, b; kornia.color.rgb_to_lab)."""

@@ -190,7 +190,7 @@ def last_blocks(model: nn.Module, head: nn.Module, fraction: float) -> list[nn.P
 
 def recipe_params(params: Params) -> TrainParams:
     """The `train` parameters of the few-label recipe: the modern recipe (AdamW, cosine decay,
-    label smoothing, kornia augmentation) with `adapt.*`'s values."""
+    label smoothing, the modern augmentation) with `adapt.*`'s values."""
     a = params.adapt
     return params.train.model_copy(update=dict(
         recipe="modern", epochs=a.head_epochs + a.body_epochs, lr=a.lr,

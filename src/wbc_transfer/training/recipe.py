@@ -6,8 +6,9 @@
 - ``modern``: AdamW (decoupled weight decay; Loshchilov & Hutter, ICLR 2019), linear warm-up
   then cosine decay per iteration (torch `LinearLR` + `CosineAnnealingLR` in `SequentialLR`),
   label smoothing (Szegedy et al., CVPR 2016; torch's `cross_entropy(label_smoothing=...)`),
-  and stronger per-image augmentation on the batch with kornia: horizontal and vertical flips,
-  rotation, translation, colour jitter.
+  and stronger per-image augmentation on the batch: horizontal and vertical flips, rotation,
+  translation, colour jitter (`ModernAugment`: `wbc_transfer.training.augment` on the CPU, kornia on a
+  GPU).
 
 Both recipes validate on the leak-free validation cells every epoch; `train.keep: best` keeps
 the weights of the best validation epoch and `train.patience` stops early (engine/train stage).
@@ -27,6 +28,7 @@ from wbc_transfer.data.sets import TrainAugment
 from wbc_transfer.engine import make_optimizer as engine_make_optimizer
 from wbc_transfer.engine import parameter_groups
 from wbc_transfer.models.robustness import HEDJitter
+from wbc_transfer.training.augment import MAX_SHIFT, AugmentSpec, FastAugment
 
 RECIPES = ("paper", "modern")
 
@@ -73,16 +75,19 @@ def make_loss(t: TrainParams) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
-class ModernAugment:
-    """Per-image random flips (h and v), rotation in [-rotation_deg, rotation_deg], translation
-    (train.translate_px at reference_size, reflection padding), and brightness/contrast/
-    saturation jitter (+ hue, random grayscale, zoom, HED jitter when set), on a batch with kornia.
+class KorniaAugment:
+    """The modern augmentation with kornia on float batches: per-image random flips (h and v),
+    rotation in [-rotation_deg, rotation_deg], translation (train.translate_px at
+    reference_size, reflection padding), and brightness/contrast/saturation jitter (+ hue,
+    random grayscale, zoom, HED jitter when set).
 
     uint8 or float N x 3 x H x W in [0, 255] -> float32 in [0, 255] (what `normalise` expects).
-    Random parameters come from torch's global RNG (seeded per epoch by the train stage)."""
+    Random parameters come from torch's global RNG (seeded per epoch by the train stage).
+    `ModernAugment` uses it for batches on a GPU; on the CPU it costs more than the network
+    step, and `augment.FastAugment` does the same there (bench/AUGMENT.md)."""
 
     def __init__(self, t: TrainParams, size: int):
-        shift = min(0.45, t.translate_px / t.reference_size)
+        shift = min(MAX_SHIFT, t.translate_px / t.reference_size)
         jitter = t.colour_jitter
         self.pipeline = K.AugmentationSequential(
             K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
@@ -101,6 +106,31 @@ class ModernAugment:
         with torch.no_grad():
             x = self.hed(self.pipeline(batch.float().div(255.0)).clamp_(0, 1))
         return x.clamp_(0, 1).mul_(255.0)
+
+
+class ModernAugment:
+    """The modern recipe's augmentation (`augment` module docstring): on the CPU
+    `augment.FastAugment` (OpenCV warp of the uint8 images, colour steps as 3 x 3 matrices),
+    on any other device `KorniaAugment` on the device. The same distributions either way.
+
+    uint8 (or float in [0, 255]) N x 3 x H x W -> float32 N x 3 x H x W in [0, 255]."""
+
+    def __init__(self, t: TrainParams, size: int):
+        self.spec = AugmentSpec.from_train(t)
+        self.fast = FastAugment(self.spec)
+        self._t, self._size = t, size
+        self._kornia: KorniaAugment | None = None  # built on first use (GPU batches)
+
+    @property
+    def kornia(self) -> KorniaAugment:
+        if self._kornia is None:
+            self._kornia = KorniaAugment(self._t, self._size)
+        return self._kornia
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.device.type == "cpu":
+            return self.fast(batch)
+        return self.kornia(batch)
 
 
 def make_augment(t: TrainParams, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
