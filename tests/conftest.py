@@ -258,13 +258,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test` runs two workers), each worker's own torch work takes its
-    share of the cores: a process with every core's threads beside another busy one ran 10-20x
-    slower. Stage subprocesses share the cores through wbc_transfer.training.threads."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
-
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))

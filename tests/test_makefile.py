@@ -100,3 +100,15 @@ def test_make_gpu_is_make_paper_and_make_best_with_the_gpu_settings():
                " -S evaluate.channels_last=true")
         assert lines == [paper.replace("-n paper-scale ", "-n paper-scale-gpu ") + gpu,
                          best.replace("-n best-leak-free ", "-n best-gpu ") + gpu]
+
+
+def test_make_test_fast_leaves_out_the_slow_tests_and_make_test_runs_all():
+    """`make test-fast` is `make test` with `-m "not slow"`; the marker is declared."""
+    env = {k: v for k, v in make_env().items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    def expand(target: str) -> str:
+        return subprocess.run(["make", "-n", target], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    full, fast = expand("test"), expand("test-fast")
+    assert full.startswith("pytest ") and "-m" not in full.split()
+    assert fast == f'{full} -m "not slow"'
+    assert "slow:" in (REPO_ROOT / "pyproject.toml").read_text()

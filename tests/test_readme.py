@@ -19,9 +19,10 @@ PROGRAMS = ("make", "dvc", "wbc-transfer", "pytest", "python", "mlflow", "curl",
 EXERCISED = {
     "make setup": (".ci/run", "\nmake setup\n"),
     "make test": (".ci/run", "\nmake test\n"),
-    "pytest": ("Makefile", "\tpytest -q\n"),  # what `make test` runs
+    "pytest": ("Makefile", "\tpytest -q -n $(TEST_WORKERS) --dist loadfile\n"),  # what `make test` runs
     "make repro": ("tests/test_readme.py", "test_make_repro_is_dvc_repro"),
     "dvc repro": ("tests/test_team.py", 'sh(["dvc", "repro"], repo, env'),  # a real repo, end to end
+    "make test-fast": ("tests/test_makefile.py", "test_make_test_fast_leaves_out_the_slow_tests"),
     "make ui": ("tests/test_makefile.py", "test_make_ui_serves_a_clone_in_a_folder_with_a_space"),
     "wbc-transfer predict path/to/cells/ -o predictions.csv":
         ("tests/test_predict.py", '"-o", str(output)'),  # a folder, CSV to a file

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from wbc_transfer import cli, engine, tracking
 from wbc_transfer.config import Params, load_params
+from wbc_transfer.evaluation import scoring
 from wbc_transfer.stages import evaluate, prepare, train
 
 from conftest import CLASSES, class_files, prepare_tiny, terminate_when, write_params
@@ -127,12 +128,12 @@ def test_sigint_before_the_first_checkpoint_then_rerun_continues_the_run(
         time.sleep(5)
         pytest.fail("SIGTERM did not interrupt")
 
-    score = evaluate.evaluate
-    monkeypatch.setattr(evaluate, "evaluate", terminated)
+    score = scoring.evaluate  # the engine's scoring, as the evaluate stage calls it
+    monkeypatch.setattr(scoring, "evaluate", terminated)
     assert cli.main(cli_args(params, "evaluate", 6)) == 128 + signal.SIGTERM
     assert MlflowClient(tracking.tracking_uri(params)).get_run(
         run.info.run_id).info.status == "FAILED"
-    monkeypatch.setattr(evaluate, "evaluate", score)
+    monkeypatch.setattr(scoring, "evaluate", score)
     assert cli.main(cli_args(params, "evaluate", 6)) == 0
     assert MlflowClient(tracking.tracking_uri(params)).get_run(
         run.info.run_id).info.status == "FINISHED"
