@@ -128,6 +128,21 @@ def test_the_command_line_names_what_is_missing(params_for, capsys, pbc, tmp_pat
     assert "one class only (MONOCYTE)" in capsys.readouterr().err
 
 
+def test_a_missing_or_empty_folder_is_named_before_the_model_and_no_champion_says_what_to_do(
+        make_params, mini_dataset, tmp_path, capsys) -> None:
+    """A fresh clone (no store, no champion): the folder was never checked (the registry's 'not
+    found' came first); with a folder, the missing champion names `make repro`."""
+    params = make_params(mini_dataset, repo=tmp_path / "fresh")
+    args = ["--params", str(params.root / "params.yaml"), "adapt"]
+    (tmp_path / "empty").mkdir()
+    for folder, said in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "empty", "empty folder")):
+        assert cli([*args, str(folder), "--lab", "x", "--per-class", "2"]) == 1
+        assert f"{folder}: {said}" in capsys.readouterr().err
+    assert not (params.root / "mlflow.db").exists()  # refused before the store is opened
+    assert cli([*args, str(mini_dataset), "--lab", "x", "--per-class", "2"]) == 1
+    assert "make repro" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the split, the recipe's parts and the conformal sets
 

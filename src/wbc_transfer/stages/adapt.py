@@ -39,7 +39,10 @@ def base_version(client: MlflowClient, uri: str) -> tuple[str, str]:
     try:
         return m["name"], str(client.get_model_version_by_alias(m["name"], m["alias"]).version)
     except MlflowException as exc:
-        raise adapt.AdaptInputError(f"--model {uri}: {str(exc).splitlines()[0]}") from None
+        from wbc_transfer.serving.loading import MAKE_CHAMPION
+
+        raise adapt.AdaptInputError(f"base model {uri}: {str(exc).splitlines()[0]}; "
+                                    f"{MAKE_CHAMPION}, or pass --model") from None
 
 
 def check_alias(client: MlflowClient, model_name: str, alias: str, lab: str, replace: bool) -> None:
@@ -70,6 +73,10 @@ def main(params: Params, folder: str | Path, lab: str, per_class: int, model_uri
         raise adapt.AdaptInputError(f"--lab {lab!r}: a lab name must be letters, digits, _ or -")
     uri, seed = model_uri or a.model, a.seed if seed is None else seed
     root = params.resolve(folder)
+    if not root.is_dir() or not any(f.is_file() for f in root.rglob("*")):
+        # before the model: a wrong folder is named even where there is no champion yet
+        raise adapt.AdaptInputError(f"{root}: {'empty' if root.is_dir() else 'no such'} folder "
+                                    "(expected <CLASS>/ sub-folders, or a folder with a manifest)")
     tracking.setup(params)
     client = MlflowClient()
     model_name, version = base_version(client, uri)
