@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", required=True)
         p.add_argument("--protocol", default="paper", choices=PROTOCOLS)
         p.add_argument("--seed", type=int, required=True)
-    tune = sub.add_parser("tune", help="Optuna search over train.lr and train.head_lr_factor "
-                          "(the stage tune@<arch> of tune/dvc.yaml)")
+    tune = sub.add_parser("tune", help="Optuna search over lr, head factor, weight decay and "
+                          "augmentation strength (the stage tune@<arch> of tune/dvc.yaml)")
     tune.add_argument("--arch", help="architecture to tune (one of tune.architectures)")
     tune.add_argument("--worker", action="store_true",
                       help="only run trials of the shared study (start beside the stage)")
