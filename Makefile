@@ -26,13 +26,14 @@ PAPER_SCALE = -S 'train.architectures=[alexnet,googlenet,resnet50,vgg16,efficien
 paper:  ## the full paper-scale study as a named DVC experiment
 	dvc exp run -n paper-scale $(PAPER_SCALE)
 
-# The best leak-free model: the tuned settings (`make tune` on today's recipe, results/tune/:
-# EfficientNet-Lite2 won on validation, lr 0.003143, head x2.659, weight decay 0.0003511,
-# augmentation x1.5) at the larger scale measured on the 2-core CPU before (docs/experiments.md):
-# 192 px, 400 training images per class, 6 epochs, TTA, all of TEST. Promoted as the champion
-# only if its validation score beats the current one.
-TUNED = -S 'train.architectures=[efficientnet_lite2]' -S train.lr=0.003143 -S train.head_lr_factor=2.659 \
-	-S train.weight_decay=0.0003511 -S train.colour_jitter=0.15 -S train.hed_jitter=0 -S train.translate_px=45
+# The best leak-free model: the tuned settings of the architecture that won on validation in
+# results/tune/ (`make tune` on today's recipe; read by `wbc-transfer tune --apply --settings`, so
+# a new study changes this target; today EfficientNet-Lite2, lr 0.003143, head x2.659, weight
+# decay 0.0003511, augmentation x1.5) at the larger scale measured on the 2-core CPU before
+# (docs/experiments.md): 192 px, 400 training images per class, 6 epochs, TTA, all of TEST.
+# Promoted as the champion only if its validation score beats the current one.
+TUNED = $(or $(shell PATH="$(PATH)" wbc-transfer tune --apply --settings),\
+	$(error no tuned settings in results/tune/: run `make tune` first))
 BEST = $(TUNED) -S 'train.protocols=[heldout,paper,paper_grouped]' -S prepare.image_size=192 \
 	-S split.heldout.train_per_class=400 -S train.epochs=6 -S train.rotation_deg=180 \
 	-S evaluate.tta=true -S evaluate.max_per_class=null

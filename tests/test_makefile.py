@@ -102,6 +102,32 @@ def test_make_gpu_is_make_paper_and_make_best_with_the_gpu_settings():
                          best.replace("-n best-leak-free ", "-n best-gpu ") + gpu]
 
 
+def test_make_best_trains_with_what_the_tuning_study_chose(tmp_path):
+    """TUNED is read from results/tune/ (`tune --apply --settings`): a new study changes
+    `make best`; without one, make stops naming `make tune` instead of training untuned."""
+    repo = clone_with_a_space(tmp_path)
+    env = {k: v for k, v in make_env().items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    def make_best() -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "best"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+    done = make_best()
+    assert done.returncode != 0 and done.stdout == ""
+    assert "no tuned settings in results/tune/: run `make tune` first" in done.stderr
+    folder = repo / "results" / "tune" / "efficientnet_lite1"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text('{"best": {"val_f1_macro": 0.9}}')
+    (folder / "best_params.yaml").write_text(
+        "train: {lr: 0.00042, head_lr_factor: 7, weight_decay: 0.02, colour_jitter: 0.3, "
+        "hed_jitter: 0.05, translate_px: 12, epochs: 2}\n")
+    done = make_best()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "dvc exp run -n best-leak-free -S train.lr=0.00042 -S train.head_lr_factor=7 "
+        "-S train.weight_decay=0.02 -S train.colour_jitter=0.3 -S train.hed_jitter=0.05 "
+        "-S train.translate_px=12 -S 'train.architectures=[efficientnet_lite1]' "), done.stdout
+    assert "train.epochs=2" not in done.stdout and "-S train.epochs=6" in done.stdout
+
+
 def test_make_test_fast_leaves_out_the_slow_tests_and_make_test_runs_all():
     """`make test-fast` is `make test` with `-m "not slow"`; the marker is declared."""
     env = {k: v for k, v in make_env().items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}

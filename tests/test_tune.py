@@ -141,16 +141,22 @@ def test_tune_stage_depends_on_every_train_param_a_trial_reads():
     assert {p for p in stage["params"] if p.startswith("train.")} == read
 
 
-def test_apply_names_the_architecture_whose_study_won(tmp_path, capsys):
-    write_params(tmp_path, "unused", **{
-        "tune.architectures": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]})
-    for arch, value, lr in (("efficientnet_lite0", 0.61, 0.001), ("efficientnet_lite1", 0.72, 0.002)):
-        folder = tmp_path / "results" / "tune" / arch
+def write_study_results(repo: Path, studies: dict[str, tuple[float, float]]) -> None:
+    """results/tune/<arch>/ as the tune stage writes them: {arch: (validation macro-F1, lr)}."""
+    for arch, (value, lr) in studies.items():
+        folder = repo / "results" / "tune" / arch
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps({"best": {"val_f1_macro": value}}))
         (folder / "best_params.yaml").write_text(yaml.safe_dump({"train": {
             "lr": lr, "head_lr_factor": 3.0, "weight_decay": 0.01, "colour_jitter": 0.15,
             "hed_jitter": 0.0, "translate_px": 45, "epochs": 3}}, sort_keys=False))
+
+
+def test_apply_names_the_architecture_whose_study_won(tmp_path, capsys):
+    write_params(tmp_path, "unused", **{
+        "tune.architectures": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]})
+    write_study_results(tmp_path, {"efficientnet_lite0": (0.61, 0.001),
+                                   "efficientnet_lite1": (0.72, 0.002)})
     assert cli.main(["--params", str(tmp_path / "params.yaml"), "tune", "--apply"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert "# efficientnet_lite2: no " in printed[2]
@@ -159,6 +165,61 @@ def test_apply_names_the_architecture_whose_study_won(tmp_path, capsys):
                            "-S train.weight_decay=0.01 -S train.colour_jitter=0.15 "
                            "-S train.hed_jitter=0 -S train.translate_px=45 -S train.epochs=3 "
                            "-S 'train.architectures=[efficientnet_lite1]'")
+
+
+def test_apply_settings_are_the_winners_options_without_the_proxys_epochs(tmp_path, capsys):
+    """`tune --apply --settings` is what the Makefile's TUNED reads for `make best`."""
+    write_params(tmp_path, "unused", **{
+        "tune.architectures": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]})
+    write_study_results(tmp_path, {"efficientnet_lite0": (0.81, 0.001),
+                                   "efficientnet_lite2": (0.72, 0.002)})
+    argv = ["--params", str(tmp_path / "params.yaml"), "tune", "--apply", "--settings"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "-S train.lr=0.001 -S train.head_lr_factor=3 -S train.weight_decay=0.01 "
+        "-S train.colour_jitter=0.15 -S train.hed_jitter=0 -S train.translate_px=45 "
+        "-S 'train.architectures=[efficientnet_lite0]'"]
+
+
+def test_apply_settings_without_a_study_or_with_arch_are_refused(tmp_path, capsys):
+    write_params(tmp_path, "unused")
+    argv = ["--params", str(tmp_path / "params.yaml"), "tune", "--apply", "--settings"]
+    assert cli.main(argv) != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing a Makefile could take for settings
+    assert "no tuned study in" in captured.err and "run `dvc repro tune/dvc.yaml`" in captured.err
+    write_study_results(tmp_path, {"efficientnet_lite0": (0.81, 0.001)})
+    assert cli.main([*argv, "--arch", "efficientnet_lite0"]) != 0
+    assert "--settings goes with --apply and without --arch" in capsys.readouterr().err
+    assert cli.main(argv[:-2] + ["--settings"]) != 0
+    assert "--settings goes with --apply" in capsys.readouterr().err
+
+
+def test_a_trial_killed_after_its_run_was_closed_as_pruned_ends_failed_in_both(tmp_path):
+    """The race of a SIGKILL between the worker closing its MLflow run (pruned: KILLED) and
+    telling Optuna: Optuna fails the trial, so its run must say failed too, not pruned."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    runs = {}
+    for state in ("pruned", "complete", "failed", "running"):
+        trial = study.ask()
+        run_id = client.create_run(experiment, tags={"trial_state": state}).info.run_id
+        if state != "running":
+            client.set_terminated(run_id, objective.MLFLOW_STATUS[state])
+        trial.set_user_attr("mlflow_run_id", run_id)
+        study.tell(trial, state=TrialState.FAIL)  # the rerun found its process gone
+        runs[state] = run_id
+    done = study.ask()
+    done_run = client.create_run(experiment, tags={"trial_state": "complete"}).info.run_id
+    client.set_terminated(done_run, "FINISHED")
+    done.set_user_attr("mlflow_run_id", done_run)
+    study.tell(done, 0.5)
+    tuning_study.close_dead_trials(objective.Session(study, client, experiment, "", "sqlite"))
+    for state, run_id in runs.items():
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["trial_state"]) == ("FAILED", "failed"), state
+    assert client.get_run(done_run).info.status == "FINISHED"  # a told trial keeps its run
 
 
 # --- the study --------------------------------------------------------------------------------

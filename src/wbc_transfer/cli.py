@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="only run trials of the shared study (start beside the stage)")
     tune.add_argument("--apply", action="store_true",
                       help="print the `dvc exp run -S ...` line that trains with the best params")
+    tune.add_argument("--settings", action="store_true",
+                      help="with --apply: only the -S options of the architecture that won on "
+                      "validation, without train.epochs (the Makefile's TUNED, for make best)")
     sub.add_parser("check-weights", help="run the DVC stage `weights`: which weights every "
                    "architecture gets; with train.weights=imagenet, fail listing every missing file")
     fetch = sub.add_parser("fetch-weights", help="download the ImageNet weight files the "
@@ -175,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             module.from_cli(params, args.folder, args.lab, args.per_class, args.model,
                             args.manifest, args.seed, args.replace)
         elif args.command == "tune":
-            module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply)
+            module.main(params, arch=args.arch, worker=args.worker, apply_only=args.apply,
+                        settings_only=args.settings)
         else:
             module.main(params)
     except ConfigError as exc:

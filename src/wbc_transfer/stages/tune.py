@@ -5,6 +5,7 @@ best vs untuned baseline on the test sets.
     wbc-transfer tune --arch efficientnet_lite0            # the stage: search, then report
     wbc-transfer tune --arch efficientnet_lite0 --worker   # extra worker on the same study
     wbc-transfer tune --apply                              # print the `dvc exp run -S ...` line
+    wbc-transfer tune --apply --settings                   # only the winner's -S options (make best)
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from wbc_transfer.tuning.study import search
 log = logging.getLogger(__name__)
 
 
-def apply(params: Params, arch: str | None = None) -> str:
-    """The command line that trains with the tuned settings; with several tuned architectures,
-    those of the one whose best trial has the best validation objective, restricted to it."""
+def tuned(params: Params, arch: str | None = None) -> tuple[list[str], dict[str, tuple]]:
+    """The tuned studies of `arch` (default: every one of tune.architectures): comment lines
+    (one per architecture: its best validation macro-F1, or why it has none) and
+    {architecture: (validation macro-F1, the train values of its best_params.yaml)}."""
     archs = [arch] if arch else list(params.tune.architectures)
     lines, found = [], {}
     for name in archs:
@@ -41,8 +43,15 @@ def apply(params: Params, arch: str | None = None) -> str:
             else float("nan")
         found[name] = (value, yaml.safe_load(file.read_text())["train"])
         lines.append(f"# {name}: validation macro-F1 {value:.3f} ({file})")
-    if len(archs) == 1 and found:
-        lines.append(apply_command(found[archs[0]][1]))
+    return lines, found
+
+
+def apply(params: Params, arch: str | None = None) -> str:
+    """The command line that trains with the tuned settings; with several tuned architectures,
+    those of the one whose best trial has the best validation objective, restricted to it."""
+    lines, found = tuned(params, arch)
+    if len(lines) == 1 and found:  # one architecture studied: the study's own settings
+        lines.append(apply_command(next(iter(found.values()))[1]))
     elif found:
         winner = max(found, key=lambda name: found[name][0])
         lines.append(f"# best of the {len(found)} tuned architectures on validation: {winner}")
@@ -50,8 +59,29 @@ def apply(params: Params, arch: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def settings(params: Params) -> str:
+    """The `-S` options of the tuned settings of the architecture that won on validation, one
+    line, without `train.epochs` (the proxy's epochs: `make best` sets its own scale); what
+    the Makefile's TUNED reads, so that a new `make tune` changes `make best`.
+
+    Raises ConfigError when no architecture of tune.architectures has a tuned study."""
+    lines, found = tuned(params)
+    if not found:
+        raise ConfigError("tune --apply --settings: no tuned study in "
+                          f"{params.resolve(params.tune.out_dir)}:\n" + "\n".join(lines))
+    winner = max(found, key=lambda name: found[name][0])
+    values = {k: v for k, v in found[winner][1].items() if k != "epochs"}
+    return apply_command(values, arch=winner).removeprefix("dvc exp run ")
+
+
 def main(params: Params, arch: str | None = None, worker: bool = False,
-         apply_only: bool = False) -> dict[str, object] | None:
+         apply_only: bool = False, settings_only: bool = False) -> dict[str, object] | None:
+    if settings_only:
+        if not apply_only or arch:
+            raise ConfigError("tune: --settings goes with --apply and without --arch (it picks "
+                              "the architecture that won on validation)")
+        print(settings(params))
+        return None
     if apply_only:
         print(apply(params, arch))
         return None

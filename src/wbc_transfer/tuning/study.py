@@ -183,7 +183,8 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
 
 def close_dead_trials(session: Session) -> None:
     """Fail trials of killed workers (this machine: at once; elsewhere: RDB heartbeat) and
-    close their MLflow runs to match."""
+    close their MLflow runs to match: every failed trial's run says failed, also one that its
+    worker closed as complete or pruned just before it was killed, before it told Optuna."""
     fail_orphaned_trials(session.study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -191,7 +192,7 @@ def close_dead_trials(session: Session) -> None:
     for trial in session.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get("mlflow_run_id")
         if _run_exists(session.client, run_id) and \
-                session.client.get_run(run_id).data.tags.get("trial_state") == "running":
+                session.client.get_run(run_id).data.tags.get("trial_state") != "failed":
             session.client.set_tag(run_id, "trial_state", "failed")
             session.client.set_terminated(run_id, MLFLOW_STATUS["failed"])
 
