@@ -14,6 +14,8 @@ and logs them to an MLflow run `adapt-curve` (DVC: `dvc plots show` reads curve.
     python bench/bench_adapt.py --model models:/wbc-classifier/3 --lab pbc --per-class 0 5
     python bench/bench_adapt.py --model-dir DIR --no-mlflow  # DIR: weights.pt + config.json
     python bench/bench_adapt.py --log-only            # log an existing <out> to MLflow
+    python bench/bench_adapt.py --augment kornia      # the kornia augmentation on the CPU too
+                                                      # (FastAugment vs kornia: bench/ADAPT.md)
 """
 
 from __future__ import annotations
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: adapt.curve.out_dir)")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--log-only", action="store_true", help="log an existing <out> to MLflow")
+    p.add_argument("--augment", choices=("auto", "kornia"), default="auto",
+                   help="auto: the product's (FastAugment on the CPU, kornia on a GPU); kornia: "
+                   "recipe.KorniaAugment on every device, to compare the two on adaptation")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     params = load_params(args.params)
@@ -204,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         files = write(rows, out)
     else:
         configure_torch(params.train.num_threads)
+        if args.augment == "kornia":
+            from wbc_transfer.training import recipe
+
+            recipe.ModernAugment.__call__ = lambda self, batch: self.kornia(batch)
         classifier = load_base(params, args.model, args.model_dir)
         rows = curve_rows(params, classifier, args.lab or sorted(params.adapt.labs),
                           args.per_class or list(params.adapt.curve.per_class),
