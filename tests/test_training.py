@@ -59,7 +59,8 @@ def make_params(repo: Path, prepared: Path, **overrides) -> Params:
 
 
 @pytest.mark.slow
-def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_path, prepared):
+def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_path, prepared,
+                                                                         capsys):
     # the tuner: one trial at TRIAL (the enqueued point; its values as --apply prints them)
     params = make_params(tmp_path / "tune", prepared)
     ctx = objective.load_context(params, ARCH)
@@ -79,7 +80,10 @@ def test_a_trial_and_the_train_stage_with_its_values_give_the_same_history(tmp_p
     # the train stage with those -S values
     applied = make_params(tmp_path / "train", prepared,
                           **{f"train.{k}": v for k, v in {**values, "epochs": epochs}.items()})
+    capsys.readouterr()
     train.main(applied, ARCH, "paper", SEED)
+    shown = capsys.readouterr().err  # the progress bar: it said "epoch 4/3" after the last epoch
+    assert f"epoch {epochs}/{epochs}" in shown and f"epoch {epochs + 1}/{epochs}" not in shown
     out = applied.resolve(applied.train.out_dir) / training.model_name(ARCH, "paper", SEED)
     history = pd.read_csv(out / "history.csv")
     trial_f1 = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]

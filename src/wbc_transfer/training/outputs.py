@@ -69,7 +69,7 @@ def tracked_fit(run: Training, train_set: ImageSet, val_set: ImageSet, name: str
         progress.write(f"{name} epoch {row['epoch']}: train loss {row['train_loss']:.3f} "
                        f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.3f} "
                        f"acc {row['val_accuracy']:.3f} F1 {row['val_f1_macro']:.3f}")
-        progress.set_description(f"{name} epoch {row['epoch'] + 1}/{epochs}")
+        progress.set_description(f"{name} epoch {min(row['epoch'] + 1, epochs)}/{epochs}")
 
     training.fit(run, train_set, val_set, eval_batch_size=eval_batch_size, tta=tta,
                  on_epoch=on_epoch, on_iteration=lambda i, m: mlflow.log_metrics(m, step=i),
