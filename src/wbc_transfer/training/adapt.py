@@ -275,9 +275,9 @@ def choose_epoch(base: nn.Module, architecture: str, labelled: ImageSet, t: Trai
                               a.unfreeze_fraction, t.epochs, seed + fold, mean, std, device,
                               val_set=labelled.take(val_idx), eval_batch=params.evaluate.batch_size,
                               min_images=a.min_epoch_images)
-        log.info("cross-validation fold %d: validation macro-F1 by epoch %s", fold,
-                 [round(e.f1_macro, 3) for e in history])
         start = Epoch(unchanged.f1_macro, unchanged.loss, unchanged.logits)
+        log.info("cross-validation fold %d: validation macro-F1 by epoch (0: no fine-tuning) %s",
+                 fold, [round(e.f1_macro, 3) for e in [start, *history]])
         for epoch, e in enumerate([start, *history]):
             rows.append({"fold": fold, "epoch": epoch, "val_f1_macro": e.f1_macro,
                          "val_loss": e.loss, "val_images": len(val_idx)})
