@@ -19,8 +19,8 @@ The recipe (params `adapt.*`), made for a handful of labelled cells per class:
    labelled cells (mean validation macro-F1 over the folds, ties to the lower loss, then the
    earlier epoch); the lab's test part is never looked at. Epoch 0, the statistics of step 2
    alone, is a candidate: a base model that already suits the lab is kept when its labelled
-   cells say fine-tuning does not help (a strong base lost 0.85 -> 0.78 on pbc without it). The
-   final model is trained on all K cells for the chosen number of epochs of the same schedule.
+   cells say fine-tuning does not help. The final model is trained on all K cells for the
+   chosen number of epochs of the same schedule.
 5. **Calibration**: the temperature and the split-conformal prediction sets
    (`wbc_transfer.evaluation.conformal`) are fitted on the out-of-fold predictions of the cross-validation
    models at the chosen epoch (each labelled cell predicted by a model that did not learn it; a
