@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from wbc_transfer.config import PROTOCOLS
+from wbc_transfer.data.sets import evaluation_sets
 from wbc_transfer.data.splits import (
     SplitError,
     counts,
@@ -15,6 +16,7 @@ from wbc_transfer.data.splits import (
     shared_groups,
 )
 from wbc_transfer.stages import groups as groups_stage
+from wbc_transfer.stages import prepare as prepare_stage
 from wbc_transfer.stages import split as split_stage
 from wbc_transfer.stages import validate as validate_stage
 
@@ -134,3 +136,10 @@ def test_split_stage_with_real_groups_and_test_simple(tmp_path, kaggle_copy, mak
     assert report["paper_grouped_test_vs_paper_grouped_train"]["with_sibling"] == 0
     assert report["heldout_val_vs_heldout_train"]["with_sibling"] == 0
     assert "cells" in (params.resolve(params.validate.report_dir) / "leakage.md").read_text()
+    # and a model of any protocol is scored on TEST_SIMPLE beside TEST (issue 26: "TEST_SIMPLE
+    # when present"; the mirror lacks it, this copy has it)
+    prepare_stage.main(params)
+    for protocol in PROTOCOLS:
+        sets = evaluation_sets(params, protocol)
+        assert len(sets["TEST_SIMPLE"]) == 8 and len(sets["TEST"]) == 12, protocol
+        assert sorted(sets["TEST_SIMPLE"].paths) == sorted(simple.path)
