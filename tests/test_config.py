@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,13 +97,16 @@ def test_per_architecture_overrides_are_typed_and_checked(tmp_path):
 
 
 def _make_overrides(target: str) -> list[str]:
-    """The `-S` values of a Makefile variable (PAPER_SCALE, BEST), as `dvc exp run` gets them."""
-    text = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"{target} ="))
+    """The `-S` values of `make -n <target>` (paper, best: the tuned settings `make best` reads
+    from results/tune/ included), as `dvc exp run` gets them."""
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    line = subprocess.run(["make", "-n", target], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout.splitlines()[0]
     return [v.strip("'") for v in re.findall(r"-S ('[^']*'|\S+)", line)]
 
 
-@pytest.mark.parametrize("target", ["PAPER_SCALE", "BEST"])
+@pytest.mark.parametrize("target", ["paper", "best"])
 def test_makefile_experiments_give_params_every_stage_can_read(tmp_path, target):
     """`make paper` deleted train.overrides, which every train@ stage lists: DVC refused the stage."""
     shutil.copyfile(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -116,9 +123,19 @@ def test_makefile_experiments_give_params_every_stage_can_read(tmp_path, target)
         for key in dotted.split("."):
             assert isinstance(node, dict) and key in node, f"{target}: {dotted} missing"
             node = node[key]
-    if target == "PAPER_SCALE":
+    if target == "paper":
         assert params.train.recipe == "paper" and not params.train.overrides
         assert set(params.train.protocols) == {"paper", "paper_grouped"}
+    else:  # the committed study's winner with its tuned values, at make best's own epochs
+        studies = REPO_ROOT / "results" / "tune"
+        scores = {d.name: json.loads((d / "summary.json").read_text())["best"]["val_f1_macro"]
+                  for d in studies.iterdir() if (d / "summary.json").is_file()}
+        winner = max(scores, key=scores.__getitem__)
+        tuned = yaml.safe_load((studies / winner / "best_params.yaml").read_text())["train"]
+        assert list(params.train.architectures) == [winner]
+        assert {k: getattr(params.train, k) for k in tuned if k != "epochs"} == pytest.approx(
+            {k: v for k, v in tuned.items() if k != "epochs"})
+        assert sum(o.startswith("train.epochs=") for o in overrides) == 1  # not the proxy's
 
 
 def test_unknown_architectures_are_refused_before_any_stage(tmp_path):

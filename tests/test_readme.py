@@ -24,6 +24,9 @@ EXERCISED = {
     "dvc repro": ("tests/test_team.py", 'sh(["dvc", "repro"], repo, env'),  # a real repo, end to end
     "make test-fast": ("tests/test_makefile.py", "test_make_test_fast_leaves_out_the_slow_tests"),
     "make ui": ("tests/test_makefile.py", "test_make_ui_serves_a_clone_in_a_folder_with_a_space"),
+    # what it runs (`make -n best`, from the study) and that every stage reads its parameters
+    # (test_config); the 28-minute run itself is measured in bench/BEST.md, not in the suite
+    "make best": ("tests/test_makefile.py", "test_make_best_trains_with_what_the_tuning_study_chose"),
     "wbc-transfer predict path/to/cells/ -o predictions.csv":
         ("tests/test_predict.py", '"-o", str(output)'),  # a folder, CSV to a file
     "wbc-transfer fetch-weights": ("tests/test_weights.py", '"fetch-weights"'),

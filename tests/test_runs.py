@@ -184,6 +184,26 @@ with tracking.run(params, run_name=f"worker-{sys.argv[3]}"):
 """
 
 
+def test_a_signal_while_the_run_is_tagged_with_its_owner_ends_it_failed(tmp_path, prepared,
+                                                                         monkeypatch):
+    """SIGTERM right after the run appears in the store (what an adapt test saw under load: the
+    run stayed RUNNING) lands in the owner-tag write; the run must still end FAILED."""
+    params = run_params(tmp_path, prepared)
+    real_set_tag = tracking.mlflow.set_tag
+
+    def set_tag(key, value):
+        if key == tracking.OWNER_TAG:
+            raise cli.Terminated(signal.SIGTERM)
+        return real_set_tag(key, value)
+
+    monkeypatch.setattr(tracking.mlflow, "set_tag", set_tag)
+    with pytest.raises(cli.Terminated), tracking.run(params, run_name="signalled"):
+        pytest.fail("the body must not run")
+    client = MlflowClient(tracking.tracking_uri(params))
+    [run] = client.search_runs([tracking.setup(params)], "attributes.run_name = 'signalled'")
+    assert run.info.status == "FAILED"
+
+
 def test_four_processes_open_a_fresh_store_at_once(tmp_path):
     """Parallel `dvc exp` / tuning workers on a new mlflow.db: all four succeed (3 of 4 died in
     MLflow's schema migration or experiment creation: "duplicate column name", "table ...

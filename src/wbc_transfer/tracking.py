@@ -235,8 +235,8 @@ def run(params: Params, run_id: str | None = None, run_name: str | None = None,
     a killed process (SIGKILL, power loss) from one another process still has open."""
     setup(params)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
-    mlflow.set_tag(OWNER_TAG, owner())
-    try:
+    try:  # the owner tag is a store write: a signal during it must end the run FAILED too
+        mlflow.set_tag(OWNER_TAG, owner())
         yield active
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
