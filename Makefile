@@ -17,7 +17,7 @@ repro:  ## the quick run: every stage, offline, EfficientNet-Lite0 (minutes on 2
 # The paper's study: its four networks and EfficientNet-Lite0, ImageNet weights required (the
 # `weights` stage stops before any training and names `wbc-transfer fetch-weights` when a file is
 # missing), its recipe (SGD, lr 1e-4, head x10, batch 10), 224 px, 30 epochs, all of TEST; the
-# published leaky 70/30 split and the same split by cell (hours on a CPU; docs/paper.md).
+# published leaky 70/30 split and the same split by cell (hours on a CPU; docs/experiments.md).
 PAPER_SCALE = -S 'train.architectures=[alexnet,googlenet,resnet50,vgg16,efficientnet_lite0]' \
 	-S train.weights=imagenet -S 'train.protocols=[paper,paper_grouped]' -S train.recipe=paper \
 	-S prepare.image_size=224 -S train.overrides=null -S train.epochs=30 -S train.batch_size=10 \
@@ -38,7 +38,7 @@ BEST = $(TUNED) -S 'train.protocols=[heldout,paper,paper_grouped]' -S prepare.im
 	-S split.heldout.train_per_class=400 -S train.epochs=6 -S train.rotation_deg=180 \
 	-S evaluate.tta=true -S evaluate.max_per_class=null
 
-best:  ## train, evaluate and promote the best leak-free configuration (~1 h on 2 CPU cores, not timed)
+best:  ## train, evaluate and promote the best leak-free configuration (28 min on 2 CPU cores, bench/BEST.md)
 	dvc exp run -n best-leak-free $(BEST)
 
 # The paper-scale study and the best leak-free model on one CUDA GPU (docs/experiments.md):

@@ -193,6 +193,23 @@ def test_apply_settings_without_a_study_or_with_arch_are_refused(tmp_path, capsy
     assert "--settings goes with --apply and without --arch" in capsys.readouterr().err
     assert cli.main(argv[:-2] + ["--settings"]) != 0
     assert "--settings goes with --apply" in capsys.readouterr().err
+    # --apply alone: nothing studied is an error too; an architecture outside the list is named
+    write_params(tmp_path / "none", "unused")
+    assert cli.main(["--params", str(tmp_path / "none" / "params.yaml"), "tune", "--apply"]) == 2
+    assert "no tuned study in" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], "--arch", "nosuch"]) == 2
+    assert "tune --arch nosuch: not one of tune.architectures" in capsys.readouterr().err
+
+
+def test_apply_for_one_architecture_restricts_the_line_to_it(tmp_path, capsys):
+    """Without `train.architectures=[<arch>]` the printed line trained params.yaml's own
+    architectures with another architecture's tuned values."""
+    write_params(tmp_path, "unused")
+    write_study_results(tmp_path, {"efficientnet_lite2": (0.8, 0.003)})
+    argv = ["--params", str(tmp_path / "params.yaml"), "tune", "--apply"]
+    assert cli.main([*argv, "--arch", "efficientnet_lite2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "-S train.epochs=3 -S 'train.architectures=[efficientnet_lite2]'")
 
 
 def test_a_trial_killed_after_its_run_was_closed_as_pruned_ends_failed_in_both(tmp_path):

@@ -75,16 +75,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", required=True)
         p.add_argument("--protocol", default="paper", choices=PROTOCOLS)
         p.add_argument("--seed", type=int, required=True)
-    tune = sub.add_parser("tune", help="Optuna search over lr, head factor, weight decay and "
-                          "augmentation strength (the stage tune@<arch> of tune/dvc.yaml)")
-    tune.add_argument("--arch", help="architecture to tune (one of tune.architectures)")
+    tune = sub.add_parser(
+        "tune", help="Optuna search over lr, head factor, weight decay and augmentation strength "
+        "(the stage tune@<arch> of tune/dvc.yaml)",
+        description="With --arch and no --apply: run the study of one architecture (the stage "
+        "tune@<arch>: tune.trials trainings, minutes to hours; `make tune` runs every one). "
+        "With --apply: print the `dvc exp run -S ...` line of the tuned settings, read from "
+        "results/tune/ (the architecture that won on validation, or --arch's).")
+    tune.add_argument("--arch", help="architecture (one of tune.architectures): the study to "
+                      "run, or with --apply the one whose settings to print")
     tune.add_argument("--worker", action="store_true",
                       help="only run trials of the shared study (start beside the stage)")
     tune.add_argument("--apply", action="store_true",
                       help="print the `dvc exp run -S ...` line that trains with the best params")
     tune.add_argument("--settings", action="store_true",
                       help="with --apply: only the -S options of the architecture that won on "
-                      "validation, without train.epochs (the Makefile's TUNED, for make best)")
+                      "validation, on one line, without the study's train.epochs (what `make "
+                      "best` trains with)")
     sub.add_parser("check-weights", help="run the DVC stage `weights`: which weights every "
                    "architecture gets; with train.weights=imagenet, fail listing every missing file")
     fetch = sub.add_parser("fetch-weights", help="download the ImageNet weight files the "

@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 def tuned(params: Params, arch: str | None = None) -> tuple[list[str], dict[str, tuple]]:
     """The tuned studies of `arch` (default: every one of tune.architectures): comment lines
     (one per architecture: its best validation macro-F1, or why it has none) and
-    {architecture: (validation macro-F1, the train values of its best_params.yaml)}."""
+    {architecture: (validation macro-F1, the train values of its best_params.yaml)}.
+
+    Raises ConfigError for an `arch` outside tune.architectures, or when none has a study."""
+    if arch and arch not in params.tune.architectures:
+        raise ConfigError(f"tune --arch {arch}: not one of tune.architectures "
+                          f"{list(params.tune.architectures)}")
     archs = [arch] if arch else list(params.tune.architectures)
     lines, found = [], {}
     for name in archs:
@@ -43,6 +48,9 @@ def tuned(params: Params, arch: str | None = None) -> tuple[list[str], dict[str,
             else float("nan")
         found[name] = (value, yaml.safe_load(file.read_text())["train"])
         lines.append(f"# {name}: validation macro-F1 {value:.3f} ({file})")
+    if not found:
+        raise ConfigError("tune --apply: no tuned study in "
+                          f"{params.resolve(params.tune.out_dir)}:\n" + "\n".join(lines))
     return lines, found
 
 
@@ -50,9 +58,10 @@ def apply(params: Params, arch: str | None = None) -> str:
     """The command line that trains with the tuned settings; with several tuned architectures,
     those of the one whose best trial has the best validation objective, restricted to it."""
     lines, found = tuned(params, arch)
-    if len(lines) == 1 and found:  # one architecture studied: the study's own settings
-        lines.append(apply_command(next(iter(found.values()))[1]))
-    elif found:
+    if len(lines) == 1:  # one architecture asked for: its study's settings, restricted to it
+        name, (_, values) = next(iter(found.items()))
+        lines.append(apply_command(values, arch=name))
+    else:
         winner = max(found, key=lambda name: found[name][0])
         lines.append(f"# best of the {len(found)} tuned architectures on validation: {winner}")
         lines.append(apply_command(found[winner][1], arch=winner))
@@ -65,10 +74,7 @@ def settings(params: Params) -> str:
     the Makefile's TUNED reads, so that a new `make tune` changes `make best`.
 
     Raises ConfigError when no architecture of tune.architectures has a tuned study."""
-    lines, found = tuned(params)
-    if not found:
-        raise ConfigError("tune --apply --settings: no tuned study in "
-                          f"{params.resolve(params.tune.out_dir)}:\n" + "\n".join(lines))
+    _, found = tuned(params)
     winner = max(found, key=lambda name: found[name][0])
     values = {k: v for k, v in found[winner][1].items() if k != "epochs"}
     return apply_command(values, arch=winner).removeprefix("dvc exp run ")
