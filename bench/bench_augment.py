@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import platform
@@ -51,6 +50,7 @@ import cv2
 import kornia
 import pandas as pd
 import torch
+from bench_train import loadavg, write_result
 from torch import nn
 from tqdm import tqdm
 
@@ -180,12 +180,6 @@ def others_cores(before: tuple[float, float, float], after: tuple[float, float, 
     """Cores' worth of CPU that other processes (and the hypervisor's steal) used between two
     `cpu_snapshot`s: (machine busy - this process) / wall."""
     return ((after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])
-
-
-def loadavg() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "?"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -329,12 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": load_before, "load_after": loadavg(),
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"augment_{size}px" + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text)
-    print("\n" + text)
+    write_result(args.out, stem, result, markdown(result))
     print(f"wrote {args.out / stem}.md and .json ({result['bench_s']:.0f} s)")
     return 0
 

@@ -579,6 +579,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(out: Path, stem: str, result: dict[str, Any], text: str) -> None:
+    """<out>/<stem>.json (the raw `result`) and <stem>.md (`text`, printed too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{stem}.md").write_text(text)
+    print("\n" + text)
+
+
 def loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -678,12 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(), "load_before": load_before, "load_after": loadavg(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{size}px" + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    text = markdown(result)
-    (args.out / f"{stem}.md").write_text(text)
-    print("\n" + text)
+    write_result(args.out, stem, result, markdown(result))
     print(f"wrote {args.out / stem}.md and .json ({result['bench_s']:.0f} s of model benchmark)")
     return 0
 
