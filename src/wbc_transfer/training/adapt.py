@@ -269,11 +269,11 @@ def choose_epoch(base: nn.Module, architecture: str, labelled: ImageSet, t: Trai
     folds = StratifiedGroupKFold(n_splits=min(a.folds, per_class), shuffle=True, random_state=seed)
     rows, oof = [], {}
     for fold, (train_idx, val_idx) in enumerate(folds.split(np.zeros(len(labels)), labels, groups)):
-        unchanged = evaluate(base, labelled.take(val_idx), mean, std, device,
-                             params.evaluate.batch_size)
+        val_set = labelled.take(val_idx)
+        unchanged = evaluate(base, val_set, mean, std, device, params.evaluate.batch_size)
         _, history = finetune(base, architecture, labelled.take(train_idx), t, a.head_epochs,
                               a.unfreeze_fraction, t.epochs, seed + fold, mean, std, device,
-                              val_set=labelled.take(val_idx), eval_batch=params.evaluate.batch_size,
+                              val_set=val_set, eval_batch=params.evaluate.batch_size,
                               min_images=a.min_epoch_images)
         start = Epoch(unchanged.f1_macro, unchanged.loss, unchanged.logits)
         log.info("cross-validation fold %d: validation macro-F1 by epoch (0: no fine-tuning) %s",
